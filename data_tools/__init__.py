@@ -1,0 +1,1 @@
+"""Command-line tools for preparing data, installed as ``mimae_scale.data_tools``."""

@@ -1,0 +1,398 @@
+"""Typed configuration: dataclasses, YAML files and ``key.sub=value`` overrides.
+
+One :class:`Config` describes a run. Defaults are the MI-MAE ViT-B/16 recipe of SPEC.md; the YAML
+files in ``mimae_scale/configs/`` state only what differs. Loading refuses bad input before any
+work starts, with a :class:`ConfigError` that names the field: unknown keys, wrong types, values
+out of range and combinations that cannot work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class MaskConfig:
+    num_masks: int = 4
+    ratio: float = 0.75
+    strategy: Literal["orthogonal", "independent"] = "orthogonal"
+
+
+@dataclass
+class ClubConfig:
+    level: Literal["token", "global"] = "token"
+    hidden_dim: int = 512  # width of the approximation network's two MLPs (ours)
+    global_size: int = 8  # `global` level: side of the down-sampled image z is paired with (ours)
+
+
+@dataclass
+class MIConfig:
+    pool: Literal["mean", "cls"] = "mean"
+    tau: float = 0.2
+    proj_hidden_dim: int = 2048
+    proj_dim: int = 256
+    negatives: Literal["global", "local"] = "global"
+    club: ClubConfig = field(default_factory=ClubConfig)
+
+
+@dataclass
+class LossConfig:
+    w_rec: float = 1.0
+    w_max: float = 0.1
+    w_min: float = 0.05
+
+
+@dataclass
+class DataConfig:
+    backend: Literal["dali", "webdataset", "synthetic"] = "dali"
+    train_shards: str = ""  # directory holding manifest.json, or a brace pattern of tar files
+    val_shards: str = ""  # held-out labelled shards (online kNN monitor, evaluation)
+    num_threads: int = 4
+    shuffle_buffer: int = 4096  # DALI's `initial_fill` / webdataset's shuffle window
+    hw_decoder_load: float = 0.65
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+    hflip: bool = True
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4  # lr = base_lr * global image batch / 256
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: float = 40.0
+    min_lr: float = 0.0
+    clip_grad: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1600
+    global_batch: int = 4096  # images per optimiser step, over all ranks and accumulation
+    micro_batch: int = 64  # images per rank per forward
+    max_steps: int | None = None  # stop early (tests, benchmarks); the schedule still uses epochs
+    steps_per_epoch: int | None = None  # derived from the data when unset
+    log_every: int = 20
+    max_consecutive_skips: int = 10
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 1
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    every_minutes: float = 30.0
+    keep_last: int = 3
+
+
+@dataclass
+class KernelsConfig:
+    enabled: Literal["auto", "on", "off"] = "auto"
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = True
+    port_base: int = 9400
+    bind_address: str = "127.0.0.1"
+    peak_tflops: float | None = None  # MFU denominator; a per-GPU default when unset
+
+
+@dataclass
+class EvalConfig:
+    knn_every_epochs: int = 0  # online kNN monitor on data.val_shards; 0 = off
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    deterministic: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    mi: MIConfig = field(default_factory=MIConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.model.img_size // self.model.patch_size) ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that define the model and the method (not paths or logging)."""
+        keys = ("model", "mask", "mi", "loss")
+        blob = json.dumps({k: self.to_dict()[k] for k in keys}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config from plain data, with type checks that name the field
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return _from_dict(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=False)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # YAML 1.1 reads `1e-4` (no dot) as a string: accept numbers written that way.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    obj = cls()
+    for name, value in data.items():
+        where = f"{prefix}.{name}" if prefix else name
+        # a nested section starts from its own defaults, so a file can set one key of it
+        setattr(obj, name, _coerce(value, hints[name], where))
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value), the value read as YAML (numbers, bools, null, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot read value {raw!r}: {exc}") from None
+    return parts, value
+
+
+def resolve_path(name: str | Path) -> Path:
+    """A config given as a path, or as the name of a shipped config (``mimae_vit_b16``)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    shipped = CONFIG_DIR / f"{name}.yaml"
+    if shipped.exists():
+        return shipped
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config {name}: no such file and no shipped config of that name ({known})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or a shipped config's name), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        resolved = resolve_path(path)
+        try:
+            loaded = yaml.safe_load(resolved.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{resolved}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{resolved}: the top level must be a mapping")
+        data = loaded or {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(parts)}: {part} is not a section")
+        node[parts[-1]] = value
+    cfg = _from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of values and combinations
+
+
+def _check(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Refuse settings that cannot work. With ``world_size`` the batch split is checked too."""
+    m = cfg.model
+    for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+                 "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+        _check(getattr(m, name) > 0, f"model.{name}", "must be positive")
+    _check(m.img_size % m.patch_size == 0, "model.img_size",
+           f"{m.img_size} is not a multiple of patch_size {m.patch_size}")
+    _check(m.embed_dim % m.num_heads == 0, "model.num_heads", f"must divide embed_dim {m.embed_dim}")
+    _check(m.decoder_embed_dim % m.decoder_num_heads == 0, "model.decoder_num_heads",
+           f"must divide decoder_embed_dim {m.decoder_embed_dim}")
+    _check(m.embed_dim % 4 == 0 and m.decoder_embed_dim % 4 == 0, "model.embed_dim",
+           "2-D sin-cos position embeddings need widths divisible by 4")
+
+    k, ratio = cfg.mask.num_masks, cfg.mask.ratio
+    _check(k >= 1, "mask.num_masks", "must be at least 1")
+    _check(0.0 < ratio < 1.0, "mask.ratio", f"must lie in (0, 1), got {ratio}")
+    keep = round(cfg.num_patches * (1.0 - ratio))
+    _check(keep >= 1, "mask.ratio", f"leaves no visible patch of {cfg.num_patches}")
+    if cfg.mask.strategy == "orthogonal":
+        _check(k * (1.0 - ratio) <= 1.0 + 1e-9, "mask.strategy",
+               f"orthogonal masks need K*(1-ratio) <= 1, got K={k}, ratio={ratio}")
+        _check(k * keep <= cfg.num_patches, "mask.num_masks",
+               f"{k} disjoint masks of {keep} visible patches do not fit in {cfg.num_patches}")
+
+    for name in ("w_rec", "w_max", "w_min"):
+        _check(getattr(cfg.loss, name) >= 0, f"loss.{name}", "must be >= 0")
+    _check(cfg.loss.w_max == 0 or k >= 2, "loss.w_max", "the InfoNCE term needs mask.num_masks >= 2")
+    _check(cfg.mi.tau > 0, "mi.tau", "must be positive")
+    _check(cfg.mi.proj_dim > 0 and cfg.mi.proj_hidden_dim > 0, "mi.proj_dim", "must be positive")
+    _check(cfg.mi.club.hidden_dim > 0, "mi.club.hidden_dim", "must be positive")
+    _check(cfg.mi.club.global_size > 0, "mi.club.global_size", "must be positive")
+
+    d = cfg.data
+    _check(d.num_threads >= 1, "data.num_threads", "must be at least 1")
+    _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be at least 1")
+    _check(0.0 <= d.hw_decoder_load <= 1.0, "data.hw_decoder_load", "must lie in [0, 1]")
+    _check(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "must be 0 < lo <= hi <= 1")
+    _check(0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio", "must be 0 < lo <= hi")
+    _check(all(s > 0 for s in d.std), "data.std", "must be positive")
+
+    o = cfg.optim
+    _check(o.base_lr > 0, "optim.base_lr", "must be positive")
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(all(0 <= b < 1 for b in o.betas), "optim.betas", "must lie in [0, 1)")
+    _check(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    _check(o.min_lr >= 0, "optim.min_lr", "must be >= 0")
+    _check(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", "must be positive or null")
+
+    t = cfg.train
+    _check(t.epochs >= 1, "train.epochs", "must be at least 1")
+    _check(t.global_batch >= 1, "train.global_batch", "must be at least 1")
+    _check(t.micro_batch >= 1, "train.micro_batch", "must be at least 1")
+    _check(t.global_batch % t.micro_batch == 0, "train.global_batch",
+           f"{t.global_batch} is not a multiple of train.micro_batch {t.micro_batch}")
+    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be at least 1 or null")
+    _check(t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch", "must be at least 1 or null")
+    _check(t.log_every >= 1, "train.log_every", "must be at least 1")
+    _check(t.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be at least 1")
+    if world_size is not None:
+        per_step = t.micro_batch * world_size
+        _check(t.global_batch % per_step == 0, "train.global_batch",
+               f"{t.global_batch} images do not split into micro-batches of {t.micro_batch} "
+               f"on {world_size} ranks")
+
+    _check(cfg.engine.zero_stage in (0, 1, 2, 3), "engine.zero_stage", "must be 0, 1, 2 or 3")
+    c = cfg.checkpoint
+    _check(c.every_steps >= 1, "checkpoint.every_steps", "must be at least 1")
+    _check(c.every_minutes > 0, "checkpoint.every_minutes", "must be positive")
+    _check(c.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
+    _check(0 < cfg.metrics.port_base < 65536, "metrics.port_base", "must be a TCP port")
+    _check(cfg.metrics.peak_tflops is None or cfg.metrics.peak_tflops > 0, "metrics.peak_tflops",
+           "must be positive or null")
+    _check(cfg.eval.knn_every_epochs >= 0, "eval.knn_every_epochs", "must be >= 0")
+    _check(cfg.eval.knn_k >= 1, "eval.knn_k", "must be at least 1")
+    _check(cfg.eval.knn_temperature > 0, "eval.knn_temperature", "must be positive")
+
+
+def grad_accumulation(cfg: Config, world_size: int) -> int:
+    """Micro-batches each rank accumulates per optimiser step (global = micro * world * accum)."""
+    validate(cfg, world_size)
+    return cfg.train.global_batch // (cfg.train.micro_batch * world_size)
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved configuration as YAML (tuples written as lists), for the run directory."""
+
+    def plain(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: plain(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [plain(v) for v in obj]
+        return obj
+
+    return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False)

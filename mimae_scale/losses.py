@@ -1,0 +1,71 @@
+"""MI-MAE's loss terms in plain PyTorch (SPEC.md section 1).
+
+These are the reference definitions: the fused Triton versions in :mod:`mimae_scale.kernels`
+must agree with them. Every function computes in float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PATCH_NORM_EPS = 1e-6
+
+
+def normalize_patches(target: torch.Tensor) -> torch.Tensor:
+    """Per-patch normalisation of pixel targets (..., P), as MAE's ``norm_pix_loss``.
+
+    MAE uses the unbiased variance (``Tensor.var``'s default); we keep that so the MAE special
+    case reproduces MAE exactly.
+    """
+    target = target.float()
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)
+    return (target - mean) / (var + PATCH_NORM_EPS) ** 0.5
+
+
+def norm_pix_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MSE against per-patch normalised targets over the hidden patches (mask == 1).
+
+    pred, target (R, N, P); mask (R, N). Averaged over the hidden patches of each row, then over
+    rows (an average, so MAE's learning-rate rule carries over to K masks).
+    """
+    per_patch = (pred.float() - normalize_patches(target)).pow(2).mean(dim=-1)
+    mask = mask.float()
+    per_row = (per_patch * mask).sum(dim=1) / mask.sum(dim=1)
+    return per_row.mean()
+
+
+def info_nce(z: torch.Tensor, num_masks: int, tau: float) -> torch.Tensor:
+    """Multi-positive InfoNCE over image-major views z (B*K, D), unnormalised.
+
+    For anchor r the positives are the other K-1 views of its image; the softmax runs over every
+    row but r. loss_r = -(1/(K-1)) * sum_p log softmax_r(p); returns the mean over rows.
+    """
+    rows = z.shape[0]
+    if num_masks < 2 or rows % num_masks:
+        raise ValueError(f"info_nce needs K >= 2 dividing the rows, got K={num_masks}, R={rows}")
+    z = F.normalize(z.float(), dim=1)
+    logits = z @ z.t() / tau
+    eye = torch.eye(rows, dtype=torch.bool, device=z.device)
+    log_prob = logits.masked_fill(eye, float("-inf")).log_softmax(dim=1)
+    image = torch.arange(rows, device=z.device) // num_masks
+    positive = (image[:, None] == image[None, :]) & ~eye
+    per_row = -log_prob.masked_fill(~positive, 0.0).sum(dim=1) / (num_masks - 1)
+    return per_row.mean()
+
+
+def club_upper_bound(
+    mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor, perm: torch.Tensor
+) -> torch.Tensor:
+    """CLUBSample bound: 1/2 * mean_r sum_d [(x[perm[r]] - mu_r)^2 - (x_r - mu_r)^2] / exp(logvar_r)."""
+    mu, logvar, x = mu.float(), logvar.float(), x.float()
+    positive = (x - mu).pow(2)
+    negative = (x[perm] - mu).pow(2)
+    return 0.5 * ((negative - positive) / logvar.exp()).sum(dim=1).mean()
+
+
+def gaussian_nll(mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Gaussian NLL of x under q(x|z), up to constants: mean_r sum_d [(x - mu)^2 / exp(logvar) + logvar]."""
+    mu, logvar, x = mu.float(), logvar.float(), x.float()
+    return ((x - mu).pow(2) / logvar.exp() + logvar).sum(dim=1).mean()

@@ -1,0 +1,53 @@
+"""The MI heads: the InfoNCE projector and CLUB's approximation network q_theta(x | z)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Projector(nn.Module):
+    """Linear(d, hidden) - LayerNorm - GELU - Linear(hidden, out). No BatchNorm: it would need a
+    cross-rank sync (SPEC.md, ours)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.LayerNorm(hidden_dim, eps=1e-6),
+            nn.GELU(),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class ApproximationNetwork(nn.Module):
+    """q_theta(x | z) = N(mu(z), exp(logvar(z))): two 2-layer MLPs, log-variance bounded by Tanh
+    (CLUB's design).
+
+    ``detach_params=True`` evaluates with theta detached, so a loss on the output moves only z.
+    The weights are read here, inside ``forward``, where ZeRO-3 has gathered them.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.mu_hidden = nn.Linear(in_dim, hidden_dim)
+        self.mu_out = nn.Linear(hidden_dim, out_dim)
+        self.logvar_hidden = nn.Linear(in_dim, hidden_dim)
+        self.logvar_out = nn.Linear(hidden_dim, out_dim)
+
+    @staticmethod
+    def _linear(layer: nn.Linear, x: torch.Tensor, detach: bool) -> torch.Tensor:
+        if detach:
+            return F.linear(x, layer.weight.detach(), layer.bias.detach())
+        return layer(x)
+
+    def forward(self, z: torch.Tensor, detach_params: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.gelu(self._linear(self.mu_hidden, z, detach_params))
+        mu = self._linear(self.mu_out, h, detach_params)
+        h = F.gelu(self._linear(self.logvar_hidden, z, detach_params))
+        logvar = torch.tanh(self._linear(self.logvar_out, h, detach_params))
+        return mu, logvar

@@ -1,0 +1,20 @@
+"""Shared fixtures. Random inputs are fresh each run; the seed is printed so a failure replays."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def seed() -> int:
+    value = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed: {value}")
+    return value
+
+
+@pytest.fixture
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
