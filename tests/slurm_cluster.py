@@ -10,6 +10,7 @@ still queued, waits for it, and stops the daemons it started (by PID).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
@@ -87,11 +88,10 @@ class SlurmCluster:
         """Cancel every job, wait for them to leave the node, then stop the daemons (newest first)."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.run(["scancel", "--user", pwd.getpwuid(os.geteuid()).pw_name], check=False)
-            try:
+            # the daemons are stopped anyway; slurmctld.log says what was left
+            with contextlib.suppress(SlurmError):
                 self.wait_until(lambda: not self.run(["squeue", "-h"], check=False).stdout.strip(),
                                 timeout, "jobs cancelled")
-            except SlurmError:
-                pass  # the daemons are stopped anyway; the log says what was left
         for name in reversed(list(self.procs)):
             proc = self.procs.pop(name)
             if proc.poll() is None:
