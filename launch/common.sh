@@ -153,23 +153,18 @@ mimae_launch() {
     return 0
   fi
 
-  # Activation scripts and `module load` read unset variables: relax `set -u` while they run.
-  set +u
-  if [[ -n "${MIMAE_ENV_SETUP:-}" ]]; then
-    eval "$MIMAE_ENV_SETUP"
-  elif [[ -f "$repo/.venv/bin/activate" ]]; then
-    # shellcheck source=/dev/null
-    source "$repo/.venv/bin/activate"
-  fi
-  set -u
-  mkdir -p "$run_dir"
-  mimae_write_targets "$repo" "$targets_dir" "$port_base" "$per_node"
-
   trap 'mimae_forward USR2' USR2
   trap 'mimae_forward TERM' TERM
+  mimae_activate "$repo"
+  mimae_preflight "$world" "${cmd[@]}"
+  mkdir -p "$run_dir"
+  mimae_write_targets "$repo" "$targets_dir" "$port_base" "$per_node"
+  # A stop signal before the ranks exist: nothing new to save, the run dir's checkpoint stands.
+  if ((MIMAE_GOT_USR2 || MIMAE_GOT_TERM)); then mimae_after_ranks "$MIMAE_EXIT_REQUEUE"; fi
+
   srun "${srun_args[@]}" "${cmd[@]}" &
   MIMAE_SRUN_PID=$!
-  # A signal that came before srun existed is passed on now.
+  # A signal between `srun &` and the line above found no PID to forward to: forward it now.
   if ((MIMAE_GOT_USR2)); then kill -s USR2 "$MIMAE_SRUN_PID" 2>/dev/null || true; fi
   if ((MIMAE_GOT_TERM)); then kill -s TERM "$MIMAE_SRUN_PID" 2>/dev/null || true; fi
 
@@ -186,6 +181,50 @@ mimae_launch() {
   mimae_after_ranks "$rc"
 }
 
+mimae_activate() {
+  local repo=$1
+  # Activation scripts and `module load` read unset variables: relax `set -u` while they run.
+  set +u
+  if [[ -n "${MIMAE_ENV_SETUP:-}" ]]; then
+    eval "$MIMAE_ENV_SETUP"
+  elif [[ -f "$repo/.venv/bin/activate" ]]; then
+    # shellcheck source=/dev/null
+    source "$repo/.venv/bin/activate"
+  fi
+  set -u
+}
+
+# Check the configuration here, for the real world size, before any rank starts: a bad override
+# costs a second instead of a whole allocation's start-up. Only the config module is imported (no
+# torch); where the batch host has no Python environment (a container run), the ranks check it.
+# mimae_preflight WORLD PYTHON TRAIN_PY --config CONFIG OVERRIDE...
+mimae_preflight() {
+  local world=$1 python=$2 config=$5
+  shift 5
+  if ! command -v "$python" >/dev/null; then
+    mimae_log "no $python on this host: the ranks will check the configuration"
+    return 0
+  fi
+  local rc=0
+  "$python" - "$config" "$world" "$@" <<'PY' || rc=$?
+import sys
+
+try:
+    from mimae_scale.config import ConfigError, load_config, validate
+except ImportError as exc:
+    print(f"[mimae-launch] config not checked before srun ({exc}); the ranks will check it", file=sys.stderr)
+    sys.exit(0)
+try:
+    validate(load_config(sys.argv[1], sys.argv[3:]), int(sys.argv[2]))
+except ConfigError as exc:
+    print(f"ConfigError: {exc}", file=sys.stderr)
+    sys.exit(2)
+PY
+  if ((rc != 0)); then
+    mimae_die "$rc" "bad configuration: nothing started, not requeueing"
+  fi
+}
+
 # Decide what the job does once the ranks are gone.
 mimae_after_ranks() {
   local rc=$1
@@ -193,12 +232,15 @@ mimae_after_ranks() {
     mimae_log "training finished: not requeueing"
     exit 0
   fi
-  if ((rc == MIMAE_EXIT_REQUEUE)); then
+  # 75: every rank wrote its part of a checkpoint. Any other failure after our USR2 (a rank that
+  # the signal caught before its handler was installed, say) also requeues: the newest complete
+  # checkpoint is intact, and a requeue needs a new USR2 to repeat, so a crash cannot loop.
+  if ((rc == MIMAE_EXIT_REQUEUE || MIMAE_GOT_USR2)); then
     if ((MIMAE_GOT_TERM)); then
-      mimae_log "stopped by SIGTERM after a checkpoint: not requeueing (resubmit the same script to resume)"
+      mimae_log "stopped by SIGTERM (ranks: status $rc): not requeueing; resubmit the same script to resume"
       exit "$rc"
     fi
-    mimae_log "checkpoint written: requeueing job $SLURM_JOB_ID"
+    mimae_log "requeueing job $SLURM_JOB_ID: it resumes from the newest complete checkpoint"
     scontrol requeue "$SLURM_JOB_ID" || mimae_die "$rc" "scontrol requeue failed; resubmit to resume"
     exit 0
   fi

@@ -202,6 +202,19 @@ def test_bad_config_fails_without_requeue(slurm, tmp_path):
 
 
 @pytest.mark.slow
+def test_scancel_is_not_undone_by_a_requeue(slurm, tmp_path):
+    """scancel sends SIGTERM: the launcher passes it on to the ranks but must not requeue the job."""
+    job, out = submit_tiny(slurm, tmp_path, "train.max_steps=20")
+    slurm.wait_until(lambda: "rendezvous" in job_output(out), 120, f"job {job} in the launcher")
+    slurm.run(["scancel", str(job)])
+    record = slurm.wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=120)
+    time.sleep(2)  # a requeue from the trap would show up as PENDING by now
+    record = slurm.job(job)
+    assert record["JobState"] == "CANCELLED" and record["Restarts"] == "0", job_output(out)
+    assert "received SIGTERM" in job_output(out)
+
+
+@pytest.mark.slow
 def test_preempted_job_checkpoints_requeues_resumes_and_finishes(slurm, tmp_path):
     """Real launcher, real trainer, real Slurm: USR2 to the batch shell (what ``--signal=B:USR2@120``
     sends before a time limit) -> checkpoint, exit 75, ``scontrol requeue`` -> the rerun (with
@@ -231,10 +244,10 @@ def test_preempted_job_checkpoints_requeues_resumes_and_finishes(slurm, tmp_path
     stop_step = int(stopped.group(1))
     assert stop_step < max_steps
     for expected in (f"job {job} restart 0:", "received SIGUSR2", "ranks exited with status 75",
-                     f"requeueing job {job}", f"job {job} restart 1:", "ranks exited with status 0",
+                     f"requeueing job {job}:", f"job {job} restart 1:", "ranks exited with status 0",
                      "training finished: not requeueing"):
         assert expected in text, f"{expected!r} missing from the job output:\n{text}"
-    assert text.index(f"requeueing job {job}") < text.index(f"job {job} restart 1:")
+    assert text.index(f"requeueing job {job}:") < text.index(f"job {job} restart 1:")
     train_log = (run_dir / "train.log").read_text()
     assert re.search(rf"resumed from \S+/step_0*{stop_step}: step {stop_step}\b", train_log), train_log
 
