@@ -40,13 +40,13 @@ def _info_nce_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    anchors, _ = _unit_rows(z_ptr, rows, R, D, BLOCK_D)
+    anchors, _anchor_norms = _unit_rows(z_ptr, rows, R, D, BLOCK_D)
     running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     positive_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(0, R, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        others, _ = _unit_rows(z_ptr, cols, R, D, BLOCK_D)
+        others, _other_norms = _unit_rows(z_ptr, cols, R, D, BLOCK_D)  # own names: loop-carried types must not change
         s = tl.dot(anchors, tl.trans(others), input_precision=PRECISION) * inv_tau
         valid = (cols < R)[None, :] & (rows[:, None] != cols[None, :])
         s = tl.where(valid, s, float("-inf"))
@@ -75,7 +75,7 @@ def _info_nce_bwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, R, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        others, _ = _unit_rows(z_ptr, cols, R, D, BLOCK_D)
+        others, _other_norms = _unit_rows(z_ptr, cols, R, D, BLOCK_D)  # own names: loop-carried types must not change
         lse_cols = tl.load(lse_ptr + cols, mask=cols < R, other=0.0)
         s = tl.dot(anchors, tl.trans(others), input_precision=PRECISION) * inv_tau
         valid = row_ok[:, None] & (cols < R)[None, :] & (rows[:, None] != cols[None, :])
@@ -93,10 +93,12 @@ def _info_nce_bwd(
     tl.store(dz_ptr + rows[:, None] * D + d[None, :], dz.to(dz_ptr.dtype.element_ty), mask=ok)
 
 
-@tuning.heuristic("info_nce")
-def _info_nce_launch(rows: int, dim: int, dtype: torch.dtype) -> tuning.Launch:
+@tuning.heuristic("info_nce_fwd")
+def _info_nce_fwd_launch(rows: int, dim: int, dtype: torch.dtype) -> tuning.Launch:
     block_d = tuning.pow2(dim, lo=16)  # tl.dot needs every tile side >= 16
     block_m = tuning.pow2(rows, lo=16, hi=64 if block_d <= 256 else 32)
+    while block_m > 16 and triton.cdiv(rows, block_m) < tuning.SMS:  # one program per row block: fill the SMs
+        block_m //= 2
     block_n = tuning.pow2(rows, lo=16, hi=64 if block_d <= 128 else 32)
     # float32 inputs keep IEEE float32 products; bf16/fp16 inputs carry less precision than TF32.
     precision = "ieee" if dtype == torch.float32 else "tf32"
@@ -104,11 +106,21 @@ def _info_nce_launch(rows: int, dim: int, dtype: torch.dtype) -> tuning.Launch:
     return tuning.Launch(meta=meta, num_warps=8 if block_m * block_d >= 8192 else 4, num_stages=2)
 
 
+@tuning.heuristic("info_nce_bwd")
+def _info_nce_bwd_launch(rows: int, dim: int, dtype: torch.dtype) -> tuning.Launch:
+    """The backward also holds a (BLOCK_M, D) float32 accumulator: half the forward's rows at
+    D > 128 (ptxas at D = 256: 64 rows spill, 32 do not; python -m mimae_scale.kernels.aot_check)."""
+    forward = _info_nce_fwd_launch(rows, dim, dtype)
+    block_m = min(forward.meta["BLOCK_M"], 64 if forward.meta["BLOCK_D"] <= 128 else 32)
+    meta = {**forward.meta, "BLOCK_M": block_m}
+    return tuning.Launch(meta=meta, num_warps=8 if block_m * forward.meta["BLOCK_D"] >= 8192 else 4, num_stages=2)
+
+
 class _InfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, num_masks, tau):
         rows, dim = z.shape
-        cfg = tuning.launch("info_nce", rows=rows, dim=dim, dtype=z.dtype)
+        cfg = tuning.launch("info_nce_fwd", rows=rows, dim=dim, dtype=z.dtype)
         lse = _alloc.empty((rows,), torch.float32, z.device)
         per_row = _alloc.empty((rows,), torch.float32, z.device)
         grid = (triton.cdiv(rows, cfg.meta["BLOCK_M"]),)
@@ -124,7 +136,7 @@ class _InfoNCE(torch.autograd.Function):
     def backward(ctx, grad_loss):
         z, lse = ctx.saved_tensors
         rows, dim = z.shape
-        cfg = tuning.launch("info_nce", rows=rows, dim=dim, dtype=z.dtype)
+        cfg = tuning.launch("info_nce_bwd", rows=rows, dim=dim, dtype=z.dtype)
         dz = _alloc.empty((rows, dim), z.dtype, z.device)
         grid = (triton.cdiv(rows, cfg.meta["BLOCK_M"]),)
         _info_nce_bwd[grid](

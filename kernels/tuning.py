@@ -71,5 +71,6 @@ def pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
 # A tile of this many elements per program keeps loads wide (16 B per lane) and the grid large
 # enough for 132 SMs at the ViT-B/L shapes; the interpreter then also runs few, large programs.
 TILE_ELEMENTS = 8192
-# Programs wanted for a reduction split: a few waves of an H100's 132 SMs.
-TARGET_PROGRAMS = 4 * 132
+SMS = 132  # streaming multiprocessors of an H100 SXM / H200
+# Programs wanted for a reduction split: a few waves of the SMs.
+TARGET_PROGRAMS = 4 * SMS

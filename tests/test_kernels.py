@@ -305,7 +305,8 @@ def test_info_nce(gen, shape, dtype):
 def test_info_nce_tiled(gen, small_tiles, dtype):
     """3 x 3 tiles of 16 rows/columns (the last ones partial), upstream gradient not 1."""
     meta = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 64, "PRECISION": "ieee"}
-    small_tiles("info_nce", tuning.Launch(meta=meta))
+    small_tiles("info_nce_fwd", tuning.Launch(meta=meta))
+    small_tiles("info_nce_bwd", tuning.Launch(meta=meta))
     z = torch.randn(45, 50, generator=gen).to(dtype).requires_grad_()
     loss = kernels.info_nce(z, 3, 0.1)
     (d_z,) = grads(3.0 * loss, [z])
@@ -361,19 +362,19 @@ def test_club_with_repeated_partners(gen, small_tiles):
 
 
 def test_override_hook_and_restore():
-    default = tuning.launch("info_nce", rows=2048, dim=256, dtype=torch.bfloat16)
+    default = tuning.launch("info_nce_fwd", rows=2048, dim=256, dtype=torch.bfloat16)
     assert default.meta["BLOCK_D"] == 256 and default.meta["PRECISION"] == "tf32"
     tuned = tuning.Launch(meta={**default.meta, "BLOCK_M": 128}, num_warps=8, num_stages=3)
-    tuning.override("info_nce", lambda rows, dim, dtype: tuned)
+    tuning.override("info_nce_fwd", lambda rows, dim, dtype: tuned)
     try:
-        assert tuning.launch("info_nce", rows=2048, dim=256, dtype=torch.bfloat16) is tuned
+        assert tuning.launch("info_nce_fwd", rows=2048, dim=256, dtype=torch.bfloat16) is tuned
     finally:
-        tuning.override("info_nce", None)
-    assert tuning.launch("info_nce", rows=2048, dim=256, dtype=torch.bfloat16) == default
+        tuning.override("info_nce_fwd", None)
+    assert tuning.launch("info_nce_fwd", rows=2048, dim=256, dtype=torch.bfloat16) == default
     with pytest.raises(KeyError, match="unknown kernel"):
         tuning.override("nope", None)
     assert set(tuning.kernels()) == {
         "gather_visible_fwd", "gather_visible_bwd", "unshuffle_fwd", "unshuffle_bwd",
-        "norm_pix_mse", "info_nce", "gaussian_terms",
+        "norm_pix_mse", "info_nce_fwd", "info_nce_bwd", "gaussian_terms",
     }
 
