@@ -20,6 +20,7 @@ from mimae_scale import losses, masking
 from mimae_scale.config import ConfigError
 
 MODES = ("auto", "on", "off")
+Implementation = ModuleType | SimpleNamespace  # mimae_scale.kernels, or REFERENCE
 
 REFERENCE = SimpleNamespace(
     gather_visible=masking.gather_visible,
@@ -31,7 +32,7 @@ REFERENCE = SimpleNamespace(
 )
 
 
-def implementation(enabled: str, device: torch.device) -> ModuleType | SimpleNamespace:
+def implementation(enabled: str, device: torch.device) -> Implementation:
     """The namespace whose functions the model calls for tensors on ``device``."""
     if enabled not in MODES:
         raise ConfigError(f"kernels.enabled: must be one of {MODES}, got {enabled!r}")

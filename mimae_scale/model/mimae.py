@@ -126,7 +126,7 @@ class MIMAE(nn.Module):
         x = x.reshape(b, side, side, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, side * p, side * p)
 
-    def _ops(self, x: torch.Tensor):
+    def _ops(self, x: torch.Tensor) -> ops.Implementation:
         """The hot-path ops for x's device. Called inside forward, where ZeRO-3 has gathered this
         module's parameters (mask_token), so the kernels receive plain tensors."""
         return ops.implementation(self.kernels_enabled, x.device)
