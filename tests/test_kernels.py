@@ -130,18 +130,23 @@ GATHER_SHAPES = [  # B, N, D, K, mask ratio, strategy
 ]
 
 
-def _gather_case(gen, batch, patches, dim, k, ratio, strategy, dtype):
+def _gather_case(gen, batch, patches, dim, k, ratio, strategy, dtype, pos_dtype=torch.float32):
     ids_keep, ids_restore, _ = masking.make_masks(batch, patches, k, ratio, strategy, generator=gen)
     tokens = torch.randn(batch, patches, dim, generator=gen).to(dtype).requires_grad_()
-    pos = torch.randn(patches, dim, generator=gen).requires_grad_()  # float32, like the model's buffer
+    pos = torch.randn(patches, dim, generator=gen).to(pos_dtype).requires_grad_()
     return ids_keep, ids_restore, tokens, pos
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+# (tokens, pos_embed): the model's float32 buffer next to bf16 tokens (autocast), or bf16 like the
+# tokens (DeepSpeed's bf16 mode casts buffers too)
+GATHER_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize(("dtype", "pos_dtype"), GATHER_DTYPES)
 @pytest.mark.parametrize("shape", GATHER_SHAPES)
-def test_gather_visible(gen, shape, dtype):
+def test_gather_visible(gen, shape, dtype, pos_dtype):
     batch, patches, dim, k, ratio, strategy = shape
-    ids_keep, _, tokens, pos = _gather_case(gen, batch, patches, dim, k, ratio, strategy, dtype)
+    ids_keep, _, tokens, pos = _gather_case(gen, batch, patches, dim, k, ratio, strategy, dtype, pos_dtype)
     out = kernels.gather_visible(tokens, ids_keep, pos, k)
     assert out.dtype == dtype
     upstream = torch.randn(out.shape, generator=gen).to(dtype)
@@ -152,8 +157,8 @@ def test_gather_visible(gen, shape, dtype):
     e_tokens, e_pos = grads(expected, [tokens64, pos64], upstream.double())
     assert_close(out, expected, TOL[dtype], "output")
     assert_close(d_tokens, e_tokens, TOL[dtype], "grad tokens")
-    assert d_pos.dtype == torch.float32
-    assert_close(d_pos, e_pos, TOL[torch.float32], "grad pos_embed")
+    assert d_pos.dtype == pos_dtype
+    assert_close(d_pos, e_pos, TOL[pos_dtype], "grad pos_embed")
 
 
 def test_gather_visible_multi_tile(gen, small_tiles):
