@@ -14,11 +14,9 @@ import json
 import multiprocessing as mp
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-from tqdm import tqdm
 
 from mimae_scale.data_tools.encode import UNREADABLE, EncodeSettings, Rejected, to_baseline_jpeg
 from mimae_scale.data_tools.shards import (
@@ -31,6 +29,7 @@ from mimae_scale.data_tools.shards import (
     write_manifest,
     write_shard,
 )
+from tqdm import tqdm
 
 PARTS = ".parts"
 
@@ -44,7 +43,7 @@ class BuildSettings:
     prefix: str = "train"
     shard_size: int = 1000
     seed: int = 0
-    encode: EncodeSettings = EncodeSettings()
+    encode: EncodeSettings = field(default_factory=EncodeSettings)
 
 
 def read_class_list(path: Path) -> list[str]:

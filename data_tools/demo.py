@@ -17,9 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from mimae_scale.data_tools.shards import Sample, shard_name, write_manifest, write_shard
+from PIL import Image
 
 Pattern = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
 

@@ -13,11 +13,10 @@ import random
 import tarfile
 from pathlib import Path
 
-from tqdm import tqdm
-
 from mimae_scale.data_tools.encode import Rejected, check_jpeg
 from mimae_scale.data_tools.index import format_index, scan_tar
 from mimae_scale.data_tools.shards import load_manifest, sha256_file
+from tqdm import tqdm
 
 REQUIRED = ("jpg", "cls")
 
@@ -74,7 +73,8 @@ def verify(out_dir: Path, *, fraction: float = 1.0, seed: int = 0, progress: boo
     for entry in tqdm(entries, unit="shard", disable=not progress, desc="verify"):
         problems += _verify_shard(out_dir, entry, manifest["num_classes"], fraction, rng)
     listed = {e["name"] for e in entries}
-    problems += [f"{p.name}: shard not listed in the manifest" for p in sorted(out_dir.glob("*.tar")) if p.name not in listed]
+    unlisted = [p.name for p in sorted(out_dir.glob("*.tar")) if p.name not in listed]
+    problems += [f"{name}: shard not listed in the manifest" for name in unlisted]
     total = sum(e["samples"] for e in entries)
     if total != manifest["total_samples"]:
         problems.append(f"manifest: total_samples {manifest['total_samples']} but shards hold {total}")
