@@ -55,8 +55,12 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ms = write_demo(
-        args.out, train_per_class=args.train_per_class, val_per_class=args.val_per_class, size=args.size,
-        shard_size=args.shard_size, seed=args.seed,
+        args.out,
+        train_per_class=args.train_per_class,
+        val_per_class=args.val_per_class,
+        size=args.size,
+        shard_size=args.shard_size,
+        seed=args.seed,
     )
     summary = ", ".join(f"{k}: {m['total_samples']} samples in {len(m['shards'])} shards" for k, m in ms.items())
     print(f"{args.out}: {summary} ({time.perf_counter() - t0:.1f} s)")

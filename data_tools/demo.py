@@ -126,7 +126,12 @@ def _samples(split: str, per_class: int, size: int, seed: int) -> list[Sample]:
 
 
 def write_demo(
-    out_dir: Path, *, train_per_class: int = 500, val_per_class: int = 100, size: int = 64, shard_size: int = 1000,
+    out_dir: Path,
+    *,
+    train_per_class: int = 500,
+    val_per_class: int = 100,
+    size: int = 64,
+    shard_size: int = 1000,
     seed: int = 0,
 ) -> dict[str, dict]:
     """Write ``out_dir/train`` and ``out_dir/val``; returns their manifests."""
@@ -142,8 +147,14 @@ def write_demo(
         ]
         settings = {"generator": "demo", "seed": seed, "size": size, "per_class": per_class, "shard_size": shard_size}
         manifests[split] = write_manifest(
-            split_dir, classes=classes, shards=records, settings=settings, inputs=len(samples), rejected=0,
-            reencoded=0, tool="mimae-shards demo",
+            split_dir,
+            classes=classes,
+            shards=records,
+            settings=settings,
+            inputs=len(samples),
+            rejected=0,
+            reencoded=0,
+            tool="mimae-shards demo",
         )
         (split_dir / "rejected.jsonl").write_text("")
     return manifests

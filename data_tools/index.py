@@ -39,8 +39,12 @@ def scan_tar(tar_path: str | Path) -> list[list[Component]]:
     """
     samples: list[list[Component]] = []
     last_key = None
+    file_size = os.path.getsize(tar_path)
     with tarfile.open(tar_path, "r:") as tar:
         for member in tar:
+            # tarfile stops quietly at a cut; a member running past the end of the file is one.
+            if member.offset_data + member.size > file_size:
+                raise tarfile.ReadError(f"{tar_path}: truncated inside {member.name}")
             if not member.isreg():
                 continue
             key, ext = split_name(member.name)
@@ -52,6 +56,12 @@ def scan_tar(tar_path: str | Path) -> list[list[Component]]:
                 last_key = key
             else:
                 samples[-1].append(comp)
+        end = tar.offset
+    # A cut exactly between members loses the end-of-archive marker (two zero blocks).
+    with open(tar_path, "rb") as f:
+        f.seek(end)
+        if f.read(1024) != bytes(1024):
+            raise tarfile.ReadError(f"{tar_path}: no end-of-archive marker after byte {end} (truncated?)")
     return samples
 
 
