@@ -176,7 +176,8 @@ class WdsLoader:
             scale = short / min(img.width, img.height)
             w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
             img = img.resize((w, h), Image.Resampling.BICUBIC)
-            left, top = (w - size) // 2, (h - size) // 2
+            # DALI's centre-crop anchor: roundf(0.5 * spare), halves rounded up.
+            left, top = math.floor((w - size) / 2 + 0.5), math.floor((h - size) / 2 + 0.5)
             img = img.crop((left, top, left + size, top + size))
         return np.asarray(img)
 
