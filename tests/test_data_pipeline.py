@@ -7,6 +7,7 @@ which samples it holds, so exactly-once, ordering and resume are checked sample 
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from pathlib import Path
 
@@ -88,8 +89,11 @@ def test_order_and_augmentation_repeat_for_a_seed(backend: str, id_shards: Path)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("stop_at", [3, 7, 10])  # mid-epoch, at the epoch's end (7 steps), next epoch
-def test_resume_yields_the_same_next_batches(backend: str, stop_at: int, id_shards: Path) -> None:
+@pytest.mark.parametrize(
+    "stop_at, exhaust",
+    [(3, False), (7, False), (7, True), (10, False)],  # mid-epoch; at the end (7 steps), also after the
+)  # pass's loop finished (the usual place to save); into the next epoch
+def test_resume_yields_the_same_next_batches(backend: str, stop_at: int, exhaust: bool, id_shards: Path) -> None:
     cfg = _cfg(backend, id_shards, seed=3)
     world, rank = 2, 1
     ref = build_train_loader(cfg, rank, world, CPU)
@@ -99,14 +103,18 @@ def test_resume_yields_the_same_next_batches(backend: str, stop_at: int, id_shar
     first = build_train_loader(cfg, rank, world, CPU)
     it, taken = iter(first), 0
     while taken < stop_at:
-        try:
-            next(it)
-            taken += 1
-        except StopIteration:
+        next(it)
+        taken += 1
+        if taken % 7 == 0 and (exhaust or taken < stop_at):
+            assert next(it, None) is None  # the pass ends after steps_per_epoch batches
             it = iter(first)
     buf = io.BytesIO()
     torch.save(first.state_dict(), buf)  # the state travels through a checkpoint file
-    del first, it
+    # Saving does not disturb the run that goes on (the uninterrupted run saves checkpoints too).
+    live = itertools.chain(it, *(first for _ in range(3)))
+    for want in reference[stop_at:]:
+        assert torch.equal(want["images"], next(live)["images"])
+    del first, it, live
 
     resumed = build_train_loader(cfg, rank, world, CPU)
     resumed.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
@@ -207,3 +215,72 @@ def test_our_shards_read_by_webdataset_library(id_shards: Path) -> None:
     seen = [(int(s["cls"]), s["jpg"].shape) for s in ds]
     assert sorted(c for c, _ in seen) == list(range(N))
     assert {shape for _, shape in seen} == {(40, 48, 3)}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_build_then_dali_round_trip(world: int, tmp_path: Path, seed: int) -> None:
+    """mimae-shards build -> DALI: every accepted input exactly once per epoch, rejected ones never.
+
+    One image per class folder, so a label names its input."""
+    rng = np.random.default_rng(seed)
+    src = tmp_path / "src"
+    for i in range(37):
+        (src / f"c{i:02d}").mkdir(parents=True)
+        (src / f"c{i:02d}" / "img.jpg").write_bytes(jpeg_bytes(rng, progressive=i % 5 == 0))
+    (src / "c03" / "img.jpg").write_bytes(b"")  # rejected: empty
+    (src / "c08" / "img.jpg").write_text("not an image")  # rejected: not_image
+    out = tmp_path / "out"
+    assert shards_main(["build", str(src), str(out), "--shard-size", "6", "--workers", "1", "--quiet"]) == 0
+    accepted = sorted(set(range(37)) - {3, 8})
+    cfg = _cfg("dali", out)
+    loaders = [build_train_loader(cfg, r, world, CPU) for r in range(world)]
+    for _ in range(2):
+        seen = [label for ld in loaders for label in _epoch(ld)[0]]
+        assert sorted(seen) == accepted
+
+
+def test_dali_restarts_from_its_checkpoint_after_a_transient_failure(id_shards: Path, monkeypatch) -> None:
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    cfg = _cfg("dali", id_shards, seed=4)
+    ref_loader = build_train_loader(cfg, 0, 2, CPU)
+    reference = [b for _ in range(2) for b in ref_loader]
+    calls = {"n": 0}
+    original = DALIGenericIterator.__next__
+
+    def flaky(self):
+        calls["n"] += 1
+        if calls["n"] == 10:  # one failure, in the second epoch
+            raise RuntimeError("simulated I/O error")
+        return original(self)
+
+    monkeypatch.setattr(DALIGenericIterator, "__next__", flaky)
+    loader = build_train_loader(cfg, 0, 2, CPU)
+    got = [b for _ in range(2) for b in loader]
+    assert loader.pipeline_restarts == 1
+    assert len(got) == len(reference)
+    for want, have in zip(reference, got, strict=True):
+        assert torch.equal(want["labels"], have["labels"]) and torch.equal(want["images"], have["images"])
+
+
+def test_dali_names_the_way_out_when_a_sample_cannot_decode(tmp_path: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    with wds.ShardWriter(str(tmp_path / "c-%06d.tar"), maxcount=100, verbose=0) as w:
+        for i in range(12):  # bypasses `build`, which would have rejected the bad one
+            w.write({"__key__": f"k{i}", "jpg": jpeg_bytes(rng) if i != 5 else b"garbage" * 50, "cls": str(i)})
+    shards_main(["index", str(tmp_path / "c-000000.tar")])
+    loader = build_train_loader(_cfg("dali", tmp_path / "c-000000.tar"), 0, 1, CPU)
+    with pytest.raises(RuntimeError, match="mimae-shards verify"):
+        list(loader)
+    assert loader.pipeline_restarts == 1
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_backends_split_each_epoch_into_the_same_rank_shares(world: int, id_shards: Path) -> None:
+    """Both backends read share r of the same per-epoch tar order (only the window shuffle differs)."""
+    shares = {}
+    for backend in BACKENDS:
+        loaders = [build_train_loader(_cfg(backend, id_shards, seed=9), r, world, CPU) for r in range(world)]
+        shares[backend] = [[sorted(_epoch(ld)[0]) for ld in loaders] for _ in range(2)]
+    assert shares["dali"] == shares["webdataset"]
+    assert shares["dali"][0] != shares["dali"][1]

@@ -2,31 +2,38 @@
 
 Reader: ``fn.readers.webdataset`` on the shard set's DALI index files, this rank's share of the
 samples (``shard_id=rank``, ``num_shards=world_size``), a shuffle window of ``data.shuffle_buffer``
-samples, a new order of the tar files every epoch (``shuffle_after_epoch`` with one seed on every
-rank, so the ranks still split one common order), and ``pad_last_batch`` so that every rank runs
-the same number of batches.
+samples (``random_shuffle``/``initial_fill``) and ``pad_last_batch`` so that every rank runs the
+same number of full batches.
 
-Exactly once per epoch: the N usable samples are split into ``world_size`` contiguous shares of
-floor/ceil(N / W) samples; every rank runs ``steps_per_epoch = ceil(ceil(N / W) / B)`` batches of
-B = ``train.micro_batch``; the tail of a rank's last batch repeats its share's last sample and is
-marked ``batch["valid"] == False``. Over one epoch the valid rows of all ranks are every sample
-exactly once.
+A new shard order every epoch: each epoch gets its own pipeline whose tar list is permuted with
+(``seed``, epoch), the same permutation on every rank (the webdataset backend uses the same one).
+We do not use the reader's ``shuffle_after_epoch``: DALI documents that with checkpointing on it
+"might shuffle samples differently", and resume must be exact. One pipeline per epoch also makes an
+epoch's state self-contained: (epoch, DALI checkpoint of that epoch's pipeline).
+
+Exactly once per epoch: the N usable samples of the epoch's order are split into ``world_size``
+contiguous shares of floor/ceil(N / W) samples; every rank runs ``steps_per_epoch =
+ceil(ceil(N / W) / B)`` batches of B = ``train.micro_batch``; the tail of a rank's last batch
+repeats a sample and is marked ``batch["valid"] == False``. Over one epoch the valid rows of all
+ranks are every usable sample exactly once.
 
 Decoding runs on the GPU (``device="mixed"``, hardware decoder share ``data.hw_decoder_load``)
 when the loader's device is CUDA, else the whole pipeline is CPU-only (``device_id=None``).
 
-Resume: DALI's pipeline checkpointing (reader positions, shuffle buffers and every random
+Resume: DALI's pipeline checkpointing (reader position, shuffle window and every random
 generator) taken through the iterator, so batches prefetched but not consumed are not lost.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from typing import Any
 
 import torch
 
 from mimae_scale.config import Config
+from mimae_scale.data.common import EVAL_CROP_FRACTION, tar_order, training_dtype
 from mimae_scale.data.shardset import ShardSet, padded_steps, resolve_shards, shard_sizes, valid_mask
 
 log = logging.getLogger(__name__)
@@ -44,25 +51,21 @@ def labels_from_ascii(padded: torch.Tensor) -> torch.Tensor:
     return ((digits - 48).clamp(min=0) * weights).sum(dim=1)
 
 
-def training_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """bf16 images when the engine trains in bf16 (``engine.precision`` auto on a GPU), else fp32."""
-    precision = cfg.engine.precision
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.bfloat16 if bf16 else torch.float32
-
-
-def _pipeline_seed(cfg: Config, rank: int) -> int:
-    return (cfg.seed * 1_000_003 + rank) % (2**31 - 1)
+def _pipeline_seed(cfg: Config, rank: int, epoch: int) -> int:
+    # Different augmentations per rank and per epoch, reproducible per (seed, rank, epoch).
+    return zlib.crc32(f"{cfg.seed}-{rank}-{epoch}".encode()) & 0x7FFFFFFF
 
 
 def _build_pipeline(
     cfg: Config,
-    shards: ShardSet,
+    tars: list[str],
+    indexes: list[str],
     rank: int,
     world_size: int,
     device: torch.device,
     batch_size: int,
     train: bool,
+    seed: int,
     checkpoint: str | None,
 ):
     from nvidia.dali import fn, pipeline_def, types
@@ -76,22 +79,20 @@ def _build_pipeline(
         batch_size=batch_size,
         num_threads=d.num_threads,
         device_id=(device.index if device.index is not None else torch.cuda.current_device()) if gpu else None,
-        seed=_pipeline_seed(cfg, rank),
+        seed=seed,
         enable_checkpointing=True,
     )
     def pipe():
         jpegs, cls = fn.readers.webdataset(
-            paths=shards.tars,
-            index_paths=shards.indexes,
+            paths=tars,
+            index_paths=indexes,
             ext=["jpg", "cls"],
             missing_component_behavior="skip",  # counted in skipped_samples, named by verify
             shard_id=rank,
             num_shards=world_size,
             random_shuffle=train,
             initial_fill=d.shuffle_buffer,
-            shuffle_after_epoch=train,
-            **({"shuffle_after_epoch_seed": cfg.seed} if train else {}),  # same on every rank: one tar order
-            stick_to_shard=not train,  # eval: each pass reads this rank's share again
+            stick_to_shard=True,  # eval passes re-read this rank's share; train builds a pipeline per epoch
             pad_last_batch=True,
             name=READER,
         )
@@ -123,19 +124,11 @@ def _build_pipeline(
 
     p = pipe(checkpoint=checkpoint)
     p.build()
-    meta = p.reader_meta(READER)
-    if meta["epoch_size"] != shards.num_samples:
-        raise RuntimeError(
-            f"DALI reads {meta['epoch_size']} samples but the index files list {shards.num_samples} usable ones"
-        )
     return p
 
 
-EVAL_CROP_FRACTION = 0.875  # resize the shorter side to size / 0.875, then centre crop (the ImageNet protocol)
-
-
 class DaliLoader:
-    """One rank's loader (train: augmented, reshuffled every epoch; eval: deterministic, fixed order)."""
+    """One rank's loader (train: augmented, a new order every epoch; eval: deterministic, fixed order)."""
 
     def __init__(
         self,
@@ -156,76 +149,108 @@ class DaliLoader:
         self.skipped_samples = shards.skipped  # samples without jpg/cls in the indexes: never read
         if shards.skipped:
             log.warning("%d samples lack a .jpg or .cls component and are skipped", shards.skipped)
-        self._share_sizes = shard_sizes(self.num_samples, world_size)
+        self._real_in_share = shard_sizes(self.num_samples, world_size)[rank]
         self.epoch = 0
         self.batch_in_epoch = 0
-        self._iterator = None
-        self._checkpoint: str | None = None
+        self._iterator = None  # the current epoch's DALI iterator
+        self._resume_from: str | None = None  # DALI checkpoint for the next pipeline built
+        self._restart_point: tuple[int, str | None] = (0, None)  # (batch, checkpoint) within this epoch
+        self.pipeline_restarts = 0  # DALI failures survived by restarting from a checkpoint
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
 
     def _dali_iterator(self):
         if self._iterator is None:
             from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+            order = tar_order(self.cfg.seed, self.epoch, len(self.shards.tars)) if self.train else None
+            tars = [self.shards.tars[i] for i in order] if order else self.shards.tars
+            indexes = [self.shards.indexes[i] for i in order] if order else self.shards.indexes
             pipe = _build_pipeline(
                 self.cfg,
-                self.shards,
+                tars,
+                indexes,
                 self.rank,
                 self.world_size,
                 self.device,
                 self.batch_size,
                 self.train,
-                self._checkpoint,
+                _pipeline_seed(self.cfg, self.rank, self.epoch),
+                self._resume_from,
             )
+            epoch_size = pipe.reader_meta(READER)["epoch_size"]
+            if epoch_size != self.num_samples:
+                raise RuntimeError(f"DALI reads {epoch_size} samples, the index files list {self.num_samples} usable")
             self._iterator = DALIGenericIterator(
                 pipe,
                 ["images", "labels"],
                 reader_name=READER,
                 last_batch_policy=LastBatchPolicy.FILL,
                 auto_reset=False,
+                prepare_first_batch=False,  # decode errors surface in next(), where restarts handle them
             )
+            self._resume_from = None
         return self._iterator
 
-    def _real_in_share(self) -> int:
-        # With shuffle_after_epoch DALI keeps every rank on share `rank` (the tar order changes
-        # instead); the exactly-once test over 1-3 ranks and 3 epochs pins this down.
-        return self._share_sizes[self.rank]
-
-    def _finish_epoch(self) -> None:
-        self._dali_iterator().reset()
+    def _start_next_pass(self) -> None:
         self.batch_in_epoch = 0
-        if self.train:
+        self._restart_point = (0, None)
+        if self.train:  # a new pipeline with the next epoch's order
             self.epoch += 1
+            self._iterator = None
+        else:  # eval: the same pipeline reads the same share again
+            self._dali_iterator().reset()
 
-    def __len__(self) -> int:
-        return self.steps_per_epoch
+    def _restart(self) -> None:
+        """Rebuild this epoch's pipeline from the last checkpoint and replay up to the current batch."""
+        batch, checkpoint = self._restart_point
+        self._iterator, self._resume_from = None, checkpoint
+        it = self._dali_iterator()
+        for _ in range(self.batch_in_epoch - batch):
+            next(it)
+        self.pipeline_restarts += 1
+
+    def _next_batch(self):
+        try:
+            return next(self._dali_iterator())[0]
+        except StopIteration:
+            raise RuntimeError(
+                f"DALI ended the epoch after {self.batch_in_epoch} of {self.steps_per_epoch} batches"
+            ) from None
+        except RuntimeError as first:
+            where = f"rank {self.rank}, epoch {self.epoch}, batch {self.batch_in_epoch}"
+            log.warning("DALI pipeline failed at %s (%s); restarting it from its checkpoint", where, first)
+        try:  # A transient failure (I/O) passes on a restart; a bad sample fails again, same place.
+            self._restart()
+            return next(self._dali_iterator())[0]
+        except RuntimeError as second:
+            raise RuntimeError(
+                f"DALI pipeline failed twice at {where}: {second}. A sample that does not decode: run "
+                "`mimae-shards verify` on the shard set and rebuild the damaged shards"
+            ) from second
 
     def __iter__(self):
-        it = self._dali_iterator()
-        if self.batch_in_epoch >= self.steps_per_epoch:  # restored at an epoch's very end
-            self._finish_epoch()
+        if self.batch_in_epoch >= self.steps_per_epoch:
+            self._start_next_pass()
         while self.batch_in_epoch < self.steps_per_epoch:
-            try:
-                out = next(it)[0]
-            except StopIteration:
-                raise RuntimeError(
-                    f"DALI ended the epoch after {self.batch_in_epoch} of {self.steps_per_epoch} batches"
-                ) from None
-            except RuntimeError as e:  # a decode error: shards changed since they were verified
-                raise RuntimeError(
-                    f"DALI pipeline failed on rank {self.rank}, epoch {self.epoch}, batch {self.batch_in_epoch} "
-                    f"({e}); check the shards with `mimae-shards verify`"
-                ) from e
-            valid = torch.tensor(valid_mask(self._real_in_share(), self.batch_in_epoch, self.batch_size))
+            out = self._next_batch()
+            valid = torch.tensor(valid_mask(self._real_in_share, self.batch_in_epoch, self.batch_size))
             self.batch_in_epoch += 1
             yield {
                 "images": out["images"].to(self.device, self.dtype, non_blocking=True),
                 "labels": labels_from_ascii(out["labels"]).to(self.device, non_blocking=True),
                 "valid": valid.to(self.device, non_blocking=True),
             }
-        self._finish_epoch()
 
     def state_dict(self) -> dict[str, Any]:
-        pipeline = self._iterator.checkpoints()[0] if self._iterator is not None else self._checkpoint
+        """{"backend": "dali", "epoch", "batch_in_epoch" (batches consumed in that epoch), "rank",
+        "world_size", "num_samples", "pipeline": DALI checkpoint string of the epoch's pipeline (None
+        at an epoch's start or end)}; plain types, safe for ``torch.load(weights_only=True)``."""
+        at_edge = self.batch_in_epoch in (0, self.steps_per_epoch) or self._iterator is None
+        pipeline = self._resume_from if at_edge else self._iterator.checkpoints()[0]
+        if not at_edge:
+            self._restart_point = (self.batch_in_epoch, pipeline)  # a later restart replays less
         return {
             "backend": "dali",
             "epoch": self.epoch,
@@ -247,8 +272,9 @@ class DaliLoader:
                 )
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
-        self._checkpoint = state["pipeline"]
         self._iterator = None  # rebuilt from the checkpoint on the next iter()
+        self._resume_from = state["pipeline"]
+        self._restart_point = (self.batch_in_epoch, self._resume_from)
 
 
 def build_dali_loader(

@@ -33,7 +33,7 @@ import webdataset as wds
 from PIL import Image
 
 from mimae_scale.config import Config
-from mimae_scale.data.dali_loader import EVAL_CROP_FRACTION, training_dtype
+from mimae_scale.data.common import EVAL_CROP_FRACTION, tar_order, training_dtype
 from mimae_scale.data.shardset import ShardSet, padded_steps, resolve_shards, shard_sizes
 
 log = logging.getLogger(__name__)
@@ -100,15 +100,10 @@ class WdsLoader:
         return self.steps_per_epoch
 
     # -- the sample stream ------------------------------------------------------------------
-    def _tar_order(self) -> list[int]:
-        order = list(range(len(self.shards.tars)))
-        if self.train:
-            random.Random(f"{self.cfg.seed}-tars-{self.epoch}").shuffle(order)
-        return order
-
     def _share_stream(self) -> Iterator[dict[str, Any]]:
         """This rank's contiguous share of the epoch's sample order (raw bytes, not decoded)."""
-        order = self._tar_order()
+        order = tar_order(self.cfg.seed, self.epoch, len(self.shards.tars)) if self.train else None
+        order = order or list(range(len(self.shards.tars)))
         start = sum(self._share_sizes[: self.rank])
         count = self._share_sizes[self.rank]
         if count == 0:
