@@ -201,3 +201,12 @@ def test_demo_is_deterministic_balanced_and_valid(tmp_path: Path) -> None:
     assert not set(val) & {s["jpg"] for s in _read_samples(tmp_path / "a" / "train")}  # held out
     for split in ("train", "val"):
         assert verify(tmp_path / "a" / split, progress=False) == []
+
+
+def test_cli_demo_layout_and_bad_build_input(tmp_path: Path, capsys) -> None:
+    assert main(["demo", str(tmp_path / "d"), "--train-per-class", "3", "--val-per-class", "2"]) == 0
+    for split, n in (("train", 30), ("val", 20)):
+        m = json.loads((tmp_path / "d" / split / "manifest.json").read_text())
+        assert m["total_samples"] == n and (tmp_path / "d" / split / f"{split}-000000.idx").exists()
+    assert main(["build", str(tmp_path / "nowhere"), str(tmp_path / "o"), "--quiet"]) == 2
+    assert "no such directory" in capsys.readouterr().err

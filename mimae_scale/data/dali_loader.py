@@ -46,7 +46,7 @@ def labels_from_ascii(padded: torch.Tensor) -> torch.Tensor:
     digits = padded.to(torch.int64)
     is_digit = digits != 0
     length = is_digit.sum(dim=1, keepdim=True)
-    place = length - 1 - torch.arange(digits.shape[1]).unsqueeze(0)  # power of ten of each column
+    place = length - 1 - torch.arange(digits.shape[1], device=digits.device).unsqueeze(0)  # power of ten per column
     weights = torch.where(is_digit, torch.pow(10, place.clamp(min=0)), 0)
     return ((digits - 48).clamp(min=0) * weights).sum(dim=1)
 
