@@ -1,5 +1,9 @@
 """``mimae-bench``: throughput benchmarks that always measure their reference in the same run.
 
+``mimae-bench shards``: ``mimae-shards build`` images/s (one worker, so per core) on generated
+ImageNet-sized JPEGs (10% progressive, which are re-encoded), beside the floor of any validating
+builder: reading and fully decoding the same files with PIL.
+
 ``mimae-bench data``: training images/s of each input backend (decode, random-resized crop,
 resize, flip, normalise, batch) beside a plain webdataset + PIL + torchvision pipeline (one
 process, the library's documented usage) on the same shards. "per core" is images per second of
@@ -117,6 +121,73 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _imagenet_like_tree(root: Path, count: int) -> list[Path]:
+    """JPEGs of ImageNet's typical size (350-500 x 300-400 px), smooth content plus grain."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        w, h = int(rng.integers(350, 500)), int(rng.integers(300, 400))
+        coarse = Image.fromarray(rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8))
+        pixels = np.asarray(coarse.resize((w, h), Image.Resampling.BICUBIC)).astype(np.int16)
+        pixels += rng.integers(-20, 20, (h, w, 3), dtype=np.int16)
+        path = root / f"n{i % 10:08d}" / f"{i}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90, progressive=i % 10 == 0)
+        paths.append(path)
+    return paths
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    import os
+
+    from PIL import Image
+
+    from mimae_scale.data_tools.build import BuildSettings, build
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _imagenet_like_tree(Path(tmp) / "src", args.images)
+        mb = sum(p.stat().st_size for p in paths) / 1e6
+        print(f"{len(paths)} generated JPEGs, {mb:.1f} MB, 10% progressive")
+
+        def timed(fn) -> tuple[float, float]:
+            t0, c0 = time.perf_counter(), os.times()
+            fn()
+            c1 = os.times()
+            cpu = (c1.user + c1.system + c1.children_user + c1.children_system) - (
+                c0.user + c0.system + c0.children_user + c0.children_system
+            )
+            return len(paths) / (time.perf_counter() - t0), len(paths) / max(cpu, 1e-9)
+
+        def decode_all() -> None:
+            for p in paths:
+                with Image.open(p) as img:
+                    img.load()
+
+        results = {}
+        for r in range(args.rounds):
+            for name, fn in (
+                ("reference: read + PIL full decode", decode_all),
+                (
+                    "mimae-shards build (1 worker)",
+                    lambda r=r: build(
+                        Path(tmp) / "src", Path(tmp) / f"out{r}", BuildSettings(shard_size=100), progress=False
+                    ),
+                ),
+            ):
+                rate, per_cpu = timed(fn)
+                best = results.get(name, (0.0, 0.0))
+                results[name] = (max(best[0], rate), max(best[1], per_cpu))
+        print(f"{'step':<40} {'images/s':>10} {'per core':>10}")
+        for name, (rate, per_cpu) in results.items():
+            print(f"{name:<40} {rate:>10.0f} {per_cpu:>10.0f}")
+        (ref, _), (ours, _) = results.values()
+        print(f"build: {ours / ref:.2f}x the decode-only reference")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimae-bench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -134,6 +205,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is shown")
     d.add_argument("--cpu", action="store_true", help="CPU-only even when a GPU is present")
     d.set_defaults(func=cmd_data)
+
+    s = sub.add_parser("shards", help="mimae-shards build images/s vs reading + decoding the same files")
+    s.add_argument("--images", type=int, default=600)
+    s.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is shown")
+    s.set_defaults(func=cmd_shards)
     return p
 
 
