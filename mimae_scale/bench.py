@@ -184,6 +184,8 @@ def cmd_shards(args: argparse.Namespace) -> int:
         for name, (rate, per_cpu) in results.items():
             print(f"{name:<40} {rate:>10.0f} {per_cpu:>10.0f}")
         (ref, _), (ours, _) = results.values()
+        shard_mb = sum(p.stat().st_size for p in (Path(tmp) / "out0").glob("*.tar")) / 1e6
+        print(f"shards: {shard_mb:.1f} MB for {mb:.1f} MB of source JPEGs")
         print(f"build: {ours / ref:.2f}x the decode-only reference")
     return 0
 
