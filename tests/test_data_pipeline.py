@@ -191,7 +191,7 @@ def test_labels_from_ascii(gen: torch.Generator) -> None:
     values = [*torch.randint(0, 10**9, (50,), generator=gen).tolist(), 0, 7, 10, 999]
     rows = torch.zeros(len(values), 12, dtype=torch.uint8)
     for i, v in enumerate(values):
-        digits = str(v).encode()
+        digits = str(v).encode() + (b"\n" if i % 3 == 0 else b"")
         rows[i, : len(digits)] = torch.tensor(list(digits), dtype=torch.uint8)
     assert labels_from_ascii(rows).tolist() == values
 

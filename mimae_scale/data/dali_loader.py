@@ -42,9 +42,10 @@ LABEL_BYTES = 12  # ASCII class index, zero padded on the right by fn.pad
 
 
 def labels_from_ascii(padded: torch.Tensor) -> torch.Tensor:
-    """(B, L) uint8 ASCII digits, zero padded on the right -> (B,) int64."""
+    """(B, L) uint8 ASCII digits, zero padded on the right -> (B,) int64. Trailing whitespace
+    (``"7\\n"``, as some writers store ``.cls``) is ignored."""
     digits = padded.to(torch.int64)
-    is_digit = digits != 0
+    is_digit = (digits >= 48) & (digits <= 57)
     length = is_digit.sum(dim=1, keepdim=True)
     place = length - 1 - torch.arange(digits.shape[1], device=digits.device).unsqueeze(0)  # power of ten per column
     weights = torch.where(is_digit, torch.pow(10, place.clamp(min=0)), 0)
