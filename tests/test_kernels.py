@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mimae_scale.kernels import _alloc, gather, tuning
 
 from mimae_scale import kernels, losses, masking
-from mimae_scale.kernels import _alloc, gather, tuning
 
 if not kernels.INTERPRETED:  # CPU tensors need the interpreter (make test sets TRITON_INTERPRET=1)
     pytest.skip("Triton kernels on CPU need TRITON_INTERPRET=1 at import", allow_module_level=True)
