@@ -178,6 +178,7 @@ mimae_launch() {
     break
   done
   mimae_log "ranks exited with status $rc"
+  mimae_remove_targets
   mimae_after_ranks "$rc"
 }
 
@@ -249,14 +250,25 @@ mimae_after_ranks() {
 }
 
 # Prometheus file_sd targets for every rank of this job (launch/monitoring/write_targets.sh, when
-# present). Monitoring is optional: a failure here is reported and training goes on.
+# present; it writes TARGETS_DIR/JOB_NAME.json). Monitoring is optional: a failure here is reported
+# and training goes on. The file is removed when the ranks are gone (a requeue writes it again).
+MIMAE_TARGETS_FILE=""
+
 mimae_write_targets() {
   local repo=$1 targets_dir=$2 port_base=$3 per_node=$4
-  local writer="$repo/launch/monitoring/write_targets.sh"
+  local writer="$repo/launch/monitoring/write_targets.sh" job=${SLURM_JOB_NAME:-mimae}
   if [[ ! -f "$writer" ]]; then
     mimae_log "no $writer: Prometheus targets not written"
     return 0
   fi
-  bash "$writer" "$targets_dir" "${SLURM_JOB_NAME:-mimae}" "$port_base" "$per_node" \
-    || mimae_log "warning: $writer failed; training continues without Prometheus targets"
+  if bash "$writer" "$targets_dir" "$job" "$port_base" "$per_node"; then
+    MIMAE_TARGETS_FILE="$targets_dir/$job.json"
+    mimae_log "Prometheus targets: $MIMAE_TARGETS_FILE"
+  else
+    mimae_log "warning: $writer failed; training continues without Prometheus targets"
+  fi
+}
+
+mimae_remove_targets() {
+  if [[ -n "$MIMAE_TARGETS_FILE" ]]; then rm -f "$MIMAE_TARGETS_FILE"; fi
 }

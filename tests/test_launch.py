@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from slurm_cluster import SlurmCluster, SlurmError
 
-from mimae_scale.config import grad_accumulation, load_config
+from mimae_scale.config import ConfigError, grad_accumulation, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -34,6 +34,7 @@ LAUNCHERS = {  # script -> (config, default micro-batch cap, run directory name)
     "mae_vit_b_1600ep.sh": ("mae_vit_b16", 256, "mae_vit_b16_1600ep"),
 }
 EXIT_CONFIG = 2
+WRITE_TARGETS = LAUNCH / "monitoring" / "write_targets.sh"  # the monitoring piece's; optional for the launcher
 
 
 # -- shellcheck -------------------------------------------------------------------------------------
@@ -80,6 +81,15 @@ def bash_micro_batch(per_rank: int, cap: int) -> int:
 def test_micro_batch_is_the_largest_divisor_under_the_cap(per_rank, cap):
     expected = max(d for d in range(1, min(per_rank, cap) + 1) if per_rank % d == 0)
     assert bash_micro_batch(per_rank, cap) == expected
+
+
+def test_engine_communication_settings_are_validated():
+    cfg = load_config("tiny", ["engine.overlap_comm=true", "engine.reduce_bucket_size=50000000"])
+    assert cfg.engine.overlap_comm is True and cfg.engine.reduce_bucket_size == 50_000_000
+    assert cfg.engine.allgather_bucket_size is None and cfg.engine.prefetch_bucket_size is None
+    for bad in ("engine.reduce_bucket_size=0", "engine.prefetch_bucket_size=-1", "engine.allgather_bucket_size=1.5"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
+            load_config("tiny", [bad])
 
 
 # -- real Slurm -------------------------------------------------------------------------------------
@@ -170,13 +180,14 @@ def tiny_job_env(tmp_path: Path) -> dict[str, str]:
     }
 
 
-def submit_tiny(slurm: SlurmCluster, tmp_path: Path, *overrides: str) -> tuple[int, Path]:
+def submit_tiny(slurm: SlurmCluster, tmp_path: Path, *overrides: str,
+                env: dict[str, str] | None = None) -> tuple[int, Path]:
     out = tmp_path / "job.out"
     job = slurm.sbatch(
         ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20",
          f"--chdir={tmp_path}", f"--output={out}", str(LAUNCH / "vit_l_1600ep.sh"),
          "data.backend=synthetic", "engine.zero_stage=1", *overrides],
-        env=tiny_job_env(tmp_path),
+        env=env or tiny_job_env(tmp_path),
     )
     return job, out
 
@@ -220,13 +231,18 @@ def test_preempted_job_checkpoints_requeues_resumes_and_finishes(slurm, tmp_path
     sends before a time limit) -> checkpoint, exit 75, ``scontrol requeue`` -> the rerun (with
     SLURM_RESTART_COUNT=1) resumes from that checkpoint and finishes; the finished job is not requeued."""
     max_steps, log_every = 20, 5
-    job, out = submit_tiny(slurm, tmp_path, f"train.max_steps={max_steps}", f"train.log_every={log_every}")
+    env = tiny_job_env(tmp_path)
+    job, out = submit_tiny(slurm, tmp_path, f"train.max_steps={max_steps}", f"train.log_every={log_every}", env=env)
     run_dir = tmp_path / "run"
     metrics = run_dir / "metrics.jsonl"
 
     # Preempt once training is under way: the first log line is in metrics.jsonl.
+    targets = tmp_path / "targets" / "mimae_vit_l16_1600ep.json"
+    seen_targets = None
     deadline = time.monotonic() + 300
     while not read_steps(metrics):
+        if seen_targets is None and targets.exists():
+            seen_targets = json.loads(targets.read_text())
         state = slurm.job(job)["JobState"]
         assert state in {"PENDING", "RUNNING", "CONFIGURING"}, f"job {job} {state} before training:\n{job_output(out)}"
         assert time.monotonic() < deadline, f"no training step within 300 s:\n{job_output(out)}"
@@ -257,3 +273,10 @@ def test_preempted_job_checkpoints_requeues_resumes_and_finishes(slurm, tmp_path
     assert (checkpoints / "latest").read_text().strip() == f"step_{max_steps:09d}"
     assert (checkpoints / f"step_{stop_step:09d}").is_dir() and (checkpoints / f"step_{max_steps:09d}").is_dir()
     assert (run_dir / "config.yaml").exists() and (run_dir / "ds_config.json").exists()
+
+    # Each rank's exporter was announced to Prometheus while the job ran, and withdrawn at the end.
+    if WRITE_TARGETS.exists():
+        port = int(env["MIMAE_METRICS_PORT"])
+        assert seen_targets == [{"targets": [f"localhost:{port}", f"localhost:{port + 1}"],
+                                 "labels": {"job": "mimae_vit_l16_1600ep", "node": "localhost"}}], seen_targets
+        assert not targets.exists()
