@@ -8,9 +8,11 @@
 # batch shell 120 s before the end. The trap forwards USR2 to the ranks (through srun), which finish
 # their step, write a checkpoint and exit 75; then this script runs `scontrol requeue` and the job
 # comes back with the same id and run directory and resumes from the newest complete checkpoint.
-# Exit 0 (schedule done) never requeues. SIGTERM (scancel, or the end of a grace period) also makes
-# the ranks checkpoint, but does not requeue: a requeue would undo a user's scancel (resubmit the
-# same script to resume).
+# Exit 0 (schedule done) never requeues, nor does a failure without USR2 (bad config 2, non-finite
+# loss 3, crash 1). Any exit after USR2 requeues: the newest complete checkpoint is intact, and only a
+# new USR2 can requeue again. SIGTERM (scancel, or the end of a grace period) also makes the ranks
+# checkpoint, but never requeues: a requeue would undo a user's scancel (resubmit the same script to
+# resume). Before srun, the configuration is validated for the real world size (exit 2, no ranks).
 #
 # Site settings, all optional (defaults in brackets). Resources are ordinary sbatch options:
 #   sbatch --nodes=N --ntasks-per-node=G --gpus-per-node=G [--partition=P] [--account=A]
@@ -54,6 +56,11 @@ mimae_die() {
   exit "$code"
 }
 
+mimae_require_count() {
+  local name=$1 value=$2
+  [[ "$value" =~ ^[1-9][0-9]*$ ]] || mimae_die "$MIMAE_EXIT_CONFIG" "$name=$value: expected a positive integer"
+}
+
 # Largest micro-batch <= MAX that divides the per-rank batch PER_RANK (printed).
 mimae_micro_batch() {
   local per_rank=$1 max=$2 micro
@@ -89,6 +96,8 @@ mimae_launch() {
   local global=${MIMAE_GLOBAL_BATCH:-$3} max_micro=${MIMAE_MAX_MICRO_BATCH:-$4}
   shift 4
   local repo=${MIMAE_REPO:?MIMAE_REPO must be set before sourcing common.sh}
+  mimae_require_count MIMAE_GLOBAL_BATCH "$global"
+  mimae_require_count MIMAE_MAX_MICRO_BATCH "$max_micro"
   [[ -n "${SLURM_JOB_ID:-}" ]] || mimae_die "$MIMAE_EXIT_CONFIG" \
     "not inside a Slurm job: submit with sbatch (or use the deepspeed launcher on one machine, see README)"
 
@@ -105,8 +114,7 @@ mimae_launch() {
   ((global % world == 0)) || mimae_die "$MIMAE_EXIT_CONFIG" \
     "global batch $global does not split over $world ranks (MIMAE_GLOBAL_BATCH)"
   local per_rank=$((global / world)) micro accum
-  micro=$(mimae_micro_batch "$per_rank" "$max_micro") || mimae_die "$MIMAE_EXIT_CONFIG" \
-    "MIMAE_MAX_MICRO_BATCH=$max_micro must be a positive integer"
+  micro=$(mimae_micro_batch "$per_rank" "$max_micro")
   accum=$((per_rank / micro))
 
   # -- rendezvous, paths, environment ---------------------------------------------------------

@@ -159,6 +159,8 @@ def test_launcher_refuses_bad_geometry(slurm):
     assert proc.returncode == EXIT_CONFIG and "one task per GPU" in proc.stderr
     proc = dry_run(slurm, "vit_l_1600ep.sh", 3, 8, gpus=8)  # 4096 images over 24 ranks
     assert proc.returncode == EXIT_CONFIG and "does not split over 24 ranks" in proc.stderr
+    proc = dry_run(slurm, "vit_l_1600ep.sh", 8, 8, gpus=8, extra_env={"MIMAE_GLOBAL_BATCH": "4k"})
+    assert proc.returncode == EXIT_CONFIG and "MIMAE_GLOBAL_BATCH=4k: expected a positive integer" in proc.stderr
 
 
 def free_port() -> int:
