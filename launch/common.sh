@@ -229,9 +229,10 @@ except ConfigError as exc:
     print(f"ConfigError: {exc}", file=sys.stderr)
     sys.exit(2)
 PY
-  if ((rc != 0)); then
-    mimae_die "$rc" "bad configuration: nothing started, not requeueing"
-  fi
+  # A stop signal also reaches this foreground check; the caller handles the signal itself.
+  if ((rc == 0 || MIMAE_GOT_USR2 || MIMAE_GOT_TERM)); then return 0; fi
+  if ((rc == MIMAE_EXIT_CONFIG)); then mimae_die "$rc" "bad configuration: nothing started, not requeueing"; fi
+  mimae_die "$rc" "the configuration check failed (status $rc): nothing started, not requeueing"
 }
 
 # Decide what the job does once the ranks are gone.
