@@ -78,6 +78,9 @@ def configure_determinism(cfg: Config) -> None:
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
         torch.use_deterministic_algorithms(True)
+        # Filling every new tensor with NaN is a debugging aid, not part of determinism; DeepSpeed's
+        # multi-GB communication buckets made it cost seconds per step.
+        torch.utils.deterministic.fill_uninitialized_memory = False
         torch.backends.cudnn.benchmark = False
 
 

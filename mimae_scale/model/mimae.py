@@ -6,8 +6,8 @@ encoder and decoder serves them all (SPEC.md section 1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -22,8 +22,9 @@ from mimae_scale.model.heads import ApproximationNetwork, Projector
 from mimae_scale.model.pos_embed import sincos_2d
 
 
-@dataclass
-class MIMAEOutput:
+class MIMAEOutput(NamedTuple):
+    # a NamedTuple, not a dataclass: DeepSpeed ZeRO-3 finds the tensors of a module's output only in
+    # tuples, lists and dicts, and needs them to re-gather the parameters for the backward pass
     loss: torch.Tensor  # what the optimiser minimises: w_rec*rec + w_max*max + w_min*min + q
     terms: dict[str, torch.Tensor]  # every term separately: rec, and max, min, q where enabled
     pred: torch.Tensor  # (B*K, N, P) predicted (normalised) patches
