@@ -18,7 +18,7 @@ TEST_ENV := TRITON_INTERPRET=1 TORCH_EXTENSIONS_DIR=$(HOME)/.cache/mimae_scale/t
 DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
 # one thread per rank: 2 ranks on 2 cores
-DEMO_ENV := OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions
+DEMO_ENV := OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR=$(HOME)/.cache/mimae_scale/torch_extensions
 
 setup: $(STAMP)
 

@@ -226,6 +226,9 @@ class Trainer:
 
     def run(self) -> int:
         """Train until the schedule (or train.max_steps) ends; returns the exit status."""
+        if self.step >= self.last_step:
+            log.info("the checkpoint is at step %d, the run ends at step %d: nothing to do", self.step, self.last_step)
+            return EXIT_OK
         interval = self._new_interval()
         epoch_iter: Iterator[dict] | None = None
         started_at = self.step
@@ -262,7 +265,7 @@ class Trainer:
                 interval = self._new_interval()
             if stop or timed_save or self.step % self.cfg.checkpoint.every_steps == 0 or self.step == self.last_step:
                 self.save()
-            if stop:
+            if stop and self.step < self.last_step:
                 log.warning("stopped by %s after step %d; checkpoint written, exiting with %d (requeue)",
                             self.stop.name if self.stop.requested else "another rank's signal", self.step,
                             EXIT_REQUEUE)
@@ -314,6 +317,7 @@ class Trainer:
             "step_s": elapsed / interval.steps,
             "data_wait_s": interval.data_wait_s / interval.steps,
             "skipped_steps": self.engine.skipped_steps,
+            "skipped_samples": getattr(self.loader, "skipped_samples", 0),  # unusable samples the loader met
         }
         for sink in self.sinks:
             sink.on_log(record)
