@@ -1,7 +1,7 @@
 # make setup: .venv/ with the project (editable), its development extras and CI's CPU-friendly pins.
 # make test:  set up when needed, then lint and run the test suite.
-# make demo:  set up, write the embedded demo shards, train the tiny MI-MAE on 2 CPU ranks with the
-#             deepspeed launcher (ZeRO 1, DALI CPU pipeline), print a summary. DEMO_ARGS adds
+# make demo:  set up, write the embedded demo shards, train the tiny MI-MAE for 3 epochs on 2 CPU ranks
+#             with the deepspeed launcher (ZeRO 1, DALI CPU pipeline), print a summary. DEMO_ARGS adds
 #             key.sub=value settings (CI: DEMO_ARGS=train.max_steps=6).
 PYTHON ?= python3
 VENV := .venv
@@ -38,7 +38,7 @@ demo: $(STAMP)
 	test -f $(DEMO_DIR)/shards/train/manifest.json || $(BIN)/mimae-shards demo $(DEMO_DIR)/shards
 	rm -rf $(DEMO_DIR)/run
 	$(DEMO_ENV) $(BIN)/deepspeed --num_gpus 2 mimae_scale/train.py --config tiny run_dir=$(DEMO_DIR)/run \
-		engine.zero_stage=1 data.backend=dali data.train_shards=$(DEMO_DIR)/shards/train \
+		engine.zero_stage=1 train.epochs=3 data.backend=dali data.train_shards=$(DEMO_DIR)/shards/train \
 		data.val_shards=$(DEMO_DIR)/shards/val $(DEMO_ARGS)
 	$(BIN)/python -m mimae_scale.engine.summary $(DEMO_DIR)/run
 

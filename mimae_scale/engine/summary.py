@@ -22,7 +22,9 @@ def summarize(run_dir: Path) -> str:
     first, last = steps[0], steps[-1]
     complete = CheckpointManager(run_dir / "checkpoints", rank=0, keep_last=1).complete()
     world = ds["train_batch_size"] // (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"])
-    curve = "  ".join(f"{r['step']}:{r['loss']:.3f}" for r in steps if r["loss"] is not None)
+    finite = [r for r in steps if r["loss"] is not None]
+    picks = sorted({round(i * (len(finite) - 1) / 9) for i in range(10)}) if finite else []
+    curve = "  ".join(f"{finite[i]['step']}: {finite[i]['loss']:.2f}/{finite[i]['loss_rec']:.3f}" for i in picks)
     lines = [
         "",
         "=" * 100,
@@ -34,7 +36,7 @@ def summarize(run_dir: Path) -> str:
         f"{last['images_per_s']:.1f} img/s at the end, skipped steps {last['skipped_steps']}",
         f"loss {first['loss']:.4f} -> {last['loss']:.4f} (reconstruction {first['loss_rec']:.4f} -> "
         f"{last['loss_rec']:.4f})",
-        f"loss by step: {curve}",
+        f"loss/reconstruction by step: {curve}",
         f"run directory  {run_dir.resolve()}",
         f"  config.yaml, ds_config.json  the resolved settings; train.log  the log; metrics.jsonl  {len(steps)} "
         "log steps",
