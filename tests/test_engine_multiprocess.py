@@ -25,11 +25,19 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 420
-# 2 ranks x 16 images per step; 8 optimiser steps per epoch, so checkpoints land mid-epoch
-COMMON = [
-    "data.backend=synthetic", "train.steps_per_epoch=8", "train.global_batch=32", "train.micro_batch=16",
-    "checkpoint.every_minutes=600",
-]
+# 2 ranks x 16 images per step over 240 demo images: 8 optimiser steps per epoch (the last one
+# padded), so checkpoints every 4 or 5 steps land mid-epoch
+TRAIN = ["train.global_batch=32", "train.micro_batch=16", "checkpoint.every_minutes=600"]
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> list[str]:
+    """The embedded demo dataset (24 images per class), read by the DALI CPU pipeline."""
+    out = tmp_path_factory.mktemp("demo_shards")
+    shards = Path(sys.executable).parent / "mimae-shards"
+    subprocess.run([str(shards), "demo", str(out), "--train-per-class", "24", "--val-per-class", "2"], check=True,
+                   capture_output=True, timeout=TIMEOUT)
+    return ["data.backend=dali", f"data.train_shards={out / 'train'}", *TRAIN]
 
 
 def _free_port() -> int:
@@ -80,7 +88,7 @@ class Job:
 
 
 def train(run_dir: Path, overrides: list[str], log: Path, env: dict[str, str] | None = None) -> Job:
-    return Job("mimae_scale/train.py", ["--config", "tiny", f"run_dir={run_dir}", *COMMON, *overrides], log, env)
+    return Job("mimae_scale/train.py", ["--config", "tiny", f"run_dir={run_dir}", *overrides], log, env)
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -94,19 +102,24 @@ def complete_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.parent.name.split("_")[1]) for p in (run_dir / "checkpoints").glob(f"step_*/{MARKER}"))
 
 
-def test_zero_stages_0_to_3_train_and_agree(tmp_path):
+def test_zero_stages_0_to_3_train_and_agree(tmp_path, demo_data):
     """2 ranks, one short run per ZeRO stage: the loss falls, and all stages compute the same numbers
-    (ZeRO partitions the optimiser state, gradients and weights; it must not change the math)."""
-    settings = ["train.max_steps=10", "train.log_every=5", "checkpoint.every_steps=5"]
-    sweep = [str(tmp_path), "0,1,2,3", *COMMON, *settings]
+    (ZeRO partitions the optimiser state, gradients and weights; it must not change the math).
+
+    "Falls" is asserted for the reconstruction and InfoNCE terms: the total also holds L_q, the
+    CLUB approximation network's likelihood, which rises while L_min makes the latents less
+    predictive of the pixels (the two play against each other), so early on the sum need not fall."""
+    settings = ["train.max_steps=10", "train.log_every=5", "checkpoint.every_steps=5", "optim.base_lr=3e-3",
+                "optim.warmup_epochs=0.25"]
+    sweep = [str(tmp_path), "0,1,2,3", *demo_data, *settings]
     job = Job("tests/engine_runs/stage_sweep.py", sweep, tmp_path / "sweep.log")
     assert job.wait() == 0, job.output[-4000:]
     by_stage = {stage: records(tmp_path / f"zero{stage}") for stage in range(4)}
     for stage, recs in by_stage.items():
         assert [r["step"] for r in recs] == [5, 10], stage
         first, last = recs
-        assert last["loss"] < first["loss"] - 0.5, (stage, first["loss"], last["loss"])
-        assert last["loss_rec"] < first["loss_rec"], stage
+        assert last["loss_rec"] < 0.95 * first["loss_rec"], (stage, first["loss_rec"], last["loss_rec"])
+        assert last["loss_max"] < 0.97 * first["loss_max"], (stage, first["loss_max"], last["loss_max"])
         assert last["skipped_steps"] == 0 and last["images_per_s"] > 0 and last["data_wait_s"] >= 0
         assert complete_steps(tmp_path / f"zero{stage}") == [5, 10]
         for rec, ref in zip(recs, by_stage[0], strict=True):
@@ -114,9 +127,10 @@ def test_zero_stages_0_to_3_train_and_agree(tmp_path):
                 assert rec[key] == pytest.approx(ref[key], rel=1e-4), (stage, rec["step"], key)
 
 
-def test_nan_skipped_on_all_ranks_then_stop_then_sigusr2_requeue_and_resume(tmp_path):
+def test_nan_skipped_on_all_ranks_then_stop_then_sigusr2_requeue_and_resume(tmp_path, demo_data):
     run = tmp_path / "run"
-    settings = ["train.max_steps=16", "train.log_every=1", "checkpoint.every_steps=4", "train.max_consecutive_skips=3"]
+    settings = [*demo_data, "train.max_steps=16", "train.log_every=1", "checkpoint.every_steps=4",
+                "train.max_consecutive_skips=3"]
 
     # 1. NaN on rank 1 only, at step 3 (one skip) and steps 6-8 (three in a row: stop with status 3)
     job = train(run, settings, tmp_path / "nan.log", {"MIMAE_FAULT_NAN": "1:3,6,7,8"})
@@ -150,10 +164,10 @@ def test_nan_skipped_on_all_ranks_then_stop_then_sigusr2_requeue_and_resume(tmp_
     assert complete_steps(run)[-1] == 16
 
 
-def test_sigkill_and_crash_during_save_resume_exactly(tmp_path):
+def test_sigkill_and_crash_during_save_resume_exactly(tmp_path, demo_data):
     """Deterministic mode: killed runs continue from their last complete checkpoint, mid-epoch, and
     every step's losses equal those of a run that was never interrupted."""
-    settings = ["deterministic=true", "train.max_steps=16", "train.log_every=1", "checkpoint.every_steps=4"]
+    settings = [*demo_data, "deterministic=true", "train.max_steps=16", "train.log_every=1", "checkpoint.every_steps=4"]
     ref_dir, run = tmp_path / "reference", tmp_path / "run"
     job = train(ref_dir, settings, tmp_path / "reference.log")
     assert job.wait() == 0, job.output[-4000:]
@@ -194,7 +208,8 @@ def test_sigkill_and_crash_during_save_resume_exactly(tmp_path):
 
 def test_plain_process_runs_and_bad_settings_exit_2(tmp_path):
     run = tmp_path / "single"
-    cmd = [sys.executable, "mimae_scale/train.py", "--config", "tiny", f"run_dir={run}", *COMMON]
+    cmd = [sys.executable, "mimae_scale/train.py", "--config", "tiny", f"run_dir={run}", "data.backend=synthetic",
+           "train.steps_per_epoch=8", *TRAIN]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*cmd, "train.max_steps=2"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=TIMEOUT)
