@@ -26,6 +26,9 @@ import torch.multiprocessing as mp
 # keep every tensor of the tiny model); 1000 makes its weight matrices move as big models' do.
 PERSISTENCE = 1000
 WARMUP_STEPS = 2
+# All-reduces of at most this many bytes are control scalars (gradient norm, overflow flags), not
+# payload: counted apart, as their number depends on DeepSpeed's internals (clipping, optimiser wrapper).
+SCALAR_BYTES = 64
 SHIPPED = ("mimae_vit_b16", "mimae_vit_l16", "mimae_vit_h14", "mae_vit_b16")
 
 
@@ -62,34 +65,30 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def predicted_bytes(stage: int, numels: list[int], world: int, elem_bytes: int) -> dict[str, int]:
-    """Logged message bytes per rank per optimiser step, as DeepSpeed (0.16+) implements each stage.
+    """Payload bytes per rank per optimiser step, logged as DeepSpeed (0.16+) implements each stage.
 
     ``numels``: the trainable parameter tensors' sizes. DeepSpeed's logger records the *input* tensor
     of each call: the whole bucket for all_reduce, this rank's shard for all_gather_into_tensor, the
-    whole (padded) tensor for reduce_scatter_tensor.
-    - 0: the gradients all-reduced once per optimiser step, plus one fp32 scalar (global grad norm).
+    whole (padded) tensor for reduce_scatter_tensor. Control scalars are not payload (``SCALAR_BYTES``).
+    - 0: the gradients all-reduced once per optimiser step.
     - 1, 2: the same all-reduce of the gradients (DeepSpeed's default ``use_multi_rank_bucket_allreduce``
-      all-reduces each bucket and every rank keeps its partition; it is not a reduce-scatter), the
-      grad-norm scalar, and after the step each rank's shard of the updated parameters all-gathered
-      (one flat partition, padded to a multiple of the world size).
+      all-reduces each bucket and every rank keeps its partition; it is not a reduce-scatter), and
+      after the step each rank's shard of the updated parameters all-gathered (one flat partition
+      per parameter group, padded to a multiple of the world size).
     - 3 (DeepSpeed's defaults ``stage3_max_live_parameters`` = ``stage3_max_reuse_distance`` = 1e9,
       more than any of our models): every parameter all-gathered once per step (shards of
       ceil(numel/world)): the big ones before their forward, kept for their backward; the small
       "persistent" ones (<= ``stage3_param_persistence_threshold``) right after the optimiser step.
-      Every gradient reduce-scattered (padded to a multiple of the world size); the grad norm (8
-      bytes). A model larger than those limits is gathered a second time for the backward.
+      Every gradient reduce-scattered (padded to a multiple of the world size). A model larger than
+      those limits is gathered a second time for the backward.
     """
     total = sum(numels)
-    norm = 4  # the global gradient norm: one fp32 all-reduce
     if stage == 0:
-        return {"all_reduce": total * elem_bytes + norm}
+        return {"all_reduce": total * elem_bytes}
     if stage in (1, 2):
-        return {"all_reduce": total * elem_bytes + norm,
-                "all_gather_into_tensor": _ceil_div(total, world) * elem_bytes}
+        return {"all_reduce": total * elem_bytes, "all_gather_into_tensor": _ceil_div(total, world) * elem_bytes}
     shards = sum(_ceil_div(n, world) for n in numels)
-    return {"all_gather_into_tensor": shards * elem_bytes,
-            "reduce_scatter_tensor": shards * world * elem_bytes,
-            "all_reduce": 2 * norm}
+    return {"all_gather_into_tensor": shards * elem_bytes, "reduce_scatter_tensor": shards * world * elem_bytes}
 
 
 def _free_port() -> int:
@@ -105,25 +104,23 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
     import deepspeed.comm as ds_comm
 
     from mimae_scale.config import load_config
+    from mimae_scale.engine.ds_config import build_ds_config
+    from mimae_scale.engine.optim import build_optimizer
     from mimae_scale.model import build_model
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    cfg = load_config(args.config, args.overrides)
-    micro = cfg.train.micro_batch
     for stage in args.stages:
+        # the trainer's own DeepSpeed config and optimiser (train.global_batch = one micro-batch per rank)
+        micro = load_config(args.config, args.overrides).train.micro_batch
+        cfg = load_config(args.config, [*args.overrides, f"engine.zero_stage={stage}",
+                                        f"train.global_batch={micro * world}"])
         torch.manual_seed(0)
         model = build_model(cfg)
-        ds_config = {
-            "train_batch_size": micro * world,
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": PERSISTENCE},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 2**62,
-            "comms_logger": {"enabled": True, "verbose": False, "prof_all": True, "debug": False},
-        }
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        ds_config = build_ds_config(cfg, world, torch.device("cpu"))
+        ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = PERSISTENCE
+        ds_config["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True, "debug": False}
+        optimizer = build_optimizer(model, cfg, wrapped_by_deepspeed=stage > 0)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         images = torch.randn(micro, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
         for step in range(WARMUP_STEPS + args.steps):
@@ -140,9 +137,12 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
         if rank == 0:
             per_op = {}
             for op, sizes in summary["summary"].items():
-                count = sum(rec["count"] for rec in sizes.values())
-                total = sum(rec["count"] * rec["msg_size_bytes"] for rec in sizes.values())
-                per_op[op] = (count / args.steps, total / args.steps)
+                counts = [0, 0, 0, 0]  # payload calls, payload bytes, scalar calls, scalar bytes
+                for size, rec in sizes.items():
+                    kind = 2 if op == "all_reduce" and int(size) <= SCALAR_BYTES else 0
+                    counts[kind] += rec["count"]
+                    counts[kind + 1] += rec["count"] * rec["msg_size_bytes"]
+                per_op[op] = tuple(c / args.steps for c in counts)
             results.put((stage, per_op))
         del engine, optimizer, model
     ds_comm.barrier()
@@ -178,17 +178,19 @@ def main(argv: list[str] | None = None) -> int:
     params = sum(numels)
     print(f"\n{args.world} processes (gloo, fp32), {args.config}: {params:,} parameters; bytes per rank per optimiser "
           "step as DeepSpeed's comms logger records them (message = the call's input tensor)\n")
-    print("| ZeRO stage | collective | calls/step | logged bytes/step | predicted bytes/step | logged/predicted |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| ZeRO stage | collective | payload calls/step | logged bytes/step | predicted bytes/step | "
+          "logged/predicted | scalar calls/step (bytes) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     ok = True
     for stage, per_op in measure(args):
         predicted = predicted_bytes(stage, numels, args.world, 4)
         for op in sorted(set(per_op) | set(predicted)):
-            calls, logged = per_op.get(op, (0.0, 0.0))
+            calls, logged, scalar_calls, scalar_bytes = per_op.get(op, (0.0, 0.0, 0.0, 0.0))
             want = predicted.get(op, 0)
             ratio = logged / want if want else float("inf") if logged else 1.0
             ok &= abs(ratio - 1.0) < 0.01
-            print(f"| {stage} | {op} | {calls:g} | {logged:,.0f} | {want:,} | {ratio:.4f} |")
+            print(f"| {stage} | {op} | {calls:g} | {logged:,.0f} | {want:,} | {ratio:.4f} | "
+                  f"{scalar_calls:g} ({scalar_bytes:g}) |")
     print(f"\n{'all collectives within 1% of the prediction' if ok else 'MISMATCH against the prediction'}")
     return 0 if ok else 1
 
