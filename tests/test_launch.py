@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from slurm_cluster import SlurmCluster, SlurmError
 
 from mimae_scale.config import ConfigError, grad_accumulation, load_config
+from mimae_scale.engine.ds_config import build_ds_config
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -90,6 +92,16 @@ def test_engine_communication_settings_are_validated():
     for bad in ("engine.reduce_bucket_size=0", "engine.prefetch_bucket_size=-1", "engine.allgather_bucket_size=1.5"):
         with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
             load_config("tiny", [bad])
+
+
+def test_engine_communication_settings_reach_the_deepspeed_config():
+    cpu = torch.device("cpu")
+    assert build_ds_config(load_config("tiny"), 2, cpu)["zero_optimization"] == {"stage": 1}
+    cfg = load_config("tiny", ["engine.zero_stage=3", "engine.overlap_comm=false", "engine.reduce_bucket_size=123",
+                               "engine.allgather_bucket_size=456", "engine.prefetch_bucket_size=789"])
+    assert build_ds_config(cfg, 2, cpu)["zero_optimization"] == {
+        "stage": 3, "overlap_comm": False, "reduce_bucket_size": 123, "allgather_bucket_size": 456,
+        "stage3_prefetch_bucket_size": 789}
 
 
 # -- real Slurm -------------------------------------------------------------------------------------
