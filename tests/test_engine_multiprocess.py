@@ -211,11 +211,14 @@ def test_plain_process_runs_and_bad_settings_exit_2(tmp_path):
     cmd = [sys.executable, "mimae_scale/train.py", "--config", "tiny", f"run_dir={run}", "data.backend=synthetic",
            "train.steps_per_epoch=8", *TRAIN]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*cmd, "train.max_steps=2"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    # every_minutes tiny: the timed save fires at every log step (every_steps alone would never save)
+    timed = ["train.max_steps=3", "train.log_every=1", "checkpoint.every_steps=1000", "checkpoint.every_minutes=1e-6"]
+    done = subprocess.run([*cmd, *timed], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "launcher single, world size 1" in done.stdout
-    assert complete_steps(run) == [2] and (run / "config.yaml").exists() and (run / "ds_config.json").exists()
+    assert done.stdout.count("INFO checkpoint ") == 3  # steps 1, 2, 3
+    assert complete_steps(run) == [2, 3]  # keep_last 2
+    assert (run / "config.yaml").exists() and (run / "ds_config.json").exists()
 
     bad = subprocess.run([*cmd, "model.depth=0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert bad.returncode == 2 and "ConfigError: model.depth: must be positive" in bad.stderr
