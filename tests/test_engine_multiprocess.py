@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from mimae_scale.engine.checkpoint import MARKER
 
@@ -211,11 +212,18 @@ def test_plain_process_runs_and_bad_settings_exit_2(tmp_path):
     cmd = [sys.executable, "mimae_scale/train.py", "--config", "tiny", f"run_dir={run}", "data.backend=synthetic",
            "train.steps_per_epoch=8", *TRAIN]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*cmd, "train.max_steps=2"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    # every_minutes tiny: the timed save fires at every log step (every_steps alone would never save)
+    timed = ["train.max_steps=3", "train.log_every=1", "checkpoint.every_steps=1000", "checkpoint.every_minutes=1e-6"]
+    done = subprocess.run([*cmd, *timed], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "launcher single, world size 1" in done.stdout
-    assert complete_steps(run) == [2] and (run / "config.yaml").exists() and (run / "ds_config.json").exists()
+    assert done.stdout.count("INFO checkpoint ") == 3  # steps 1, 2, 3
+    assert complete_steps(run) == [2, 3]  # keep_last 2
+    assert (run / "config.yaml").exists() and (run / "ds_config.json").exists()
+    # our client state rides in DeepSpeed's model-states file (our own file: full unpickling is fine)
+    states = torch.load(run / "checkpoints" / "step_000000003" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert states["format"] == "mimae_scale/1" and states["step"] == 3 and states["samples"] == 3 * 32
+    assert states["universal_checkpoint_info"]  # what ds_to_universal needs to convert it
 
     bad = subprocess.run([*cmd, "model.depth=0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert bad.returncode == 2 and "ConfigError: model.depth: must be positive" in bad.stderr

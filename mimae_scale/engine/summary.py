@@ -10,6 +10,9 @@ import yaml
 
 from mimae_scale.engine.checkpoint import CheckpointManager
 
+TERMS = {"loss": "total", "loss_rec": "reconstruction", "loss_max": "InfoNCE (L_max)", "loss_min": "CLUB (L_min)",
+         "loss_q": "L_q"}
+
 
 def summarize(run_dir: Path) -> str:
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -24,7 +27,7 @@ def summarize(run_dir: Path) -> str:
     world = ds["train_batch_size"] // (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"])
     finite = [r for r in steps if r["loss"] is not None]
     picks = sorted({round(i * (len(finite) - 1) / 9) for i in range(10)}) if finite else []
-    curve = "  ".join(f"{finite[i]['step']}: {finite[i]['loss']:.2f}/{finite[i]['loss_rec']:.3f}" for i in picks)
+    curve = "  ".join(f"{finite[i]['step']}: {finite[i]['loss_rec']:.3f}" for i in picks)
     lines = [
         "",
         "=" * 100,
@@ -34,9 +37,12 @@ def summarize(run_dir: Path) -> str:
         f"({cfg['data']['train_shards'] or 'generated'})",
         f"steps {first['step']}..{last['step']} (epoch {last['epoch']:.2f}), {last['samples']} images, "
         f"{last['images_per_s']:.1f} img/s at the end, skipped steps {last['skipped_steps']}",
-        f"loss {first['loss']:.4f} -> {last['loss']:.4f} (reconstruction {first['loss_rec']:.4f} -> "
-        f"{last['loss_rec']:.4f})",
-        f"loss/reconstruction by step: {curve}",
+        "loss terms, first -> last log step: " + ", ".join(
+            f"{TERMS.get(k, k)} {first[k]:.4f} -> {last[k]:.4f}" for k in sorted(first)
+            if k.startswith("loss") and first[k] is not None and last[k] is not None),
+        "  (L_q fits the CLUB approximation network to the latents; it rises while L_min makes the latents "
+        "less predictive of the pixels, so the total need not fall)" if "loss_q" in first else "",
+        f"reconstruction loss by step: {curve}",
         f"run directory  {run_dir.resolve()}",
         f"  config.yaml, ds_config.json  the resolved settings; train.log  the log; metrics.jsonl  {len(steps)} "
         "log steps",
@@ -44,7 +50,7 @@ def summarize(run_dir: Path) -> str:
         f"{complete[-1].tag if complete else 'none'})",
         "=" * 100,
     ]
-    return "\n".join(lines)
+    return "\n".join(line for line in lines if line)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 
 from mimae_scale.config import Config, dump_yaml, grad_accumulation
 from mimae_scale.data import TrainLoader, build_train_loader
@@ -336,6 +341,9 @@ class Trainer:
             "consecutive_skips": self.consecutive_skips,
             "fingerprint": cfg.fingerprint(),
             "world_size": self.env.world_size,
+            # what DeepSpeed's ds_to_universal needs to convert the checkpoint for another world size
+            # (data parallel only: no tensor-parallel merge patterns)
+            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
         }
         mine = {"rank": self.env.rank, "loader": self.loader.state_dict(), "rng": rng_state(self.device)}
         marker = {"world_size": self.env.world_size, "zero_stage": cfg.engine.zero_stage,
