@@ -13,7 +13,7 @@ refused with a TypeError.
 
 from __future__ import annotations
 
-import errno
+import logging
 import os
 import socket
 import threading
@@ -25,8 +25,10 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
 
 import mimae_scale
-from mimae_scale.config import Config, ConfigError, grad_accumulation
+from mimae_scale.config import Config, grad_accumulation
 from mimae_scale.flops import default_peak_tflops, tokens_per_image, train_flops_per_image
+
+log = logging.getLogger("mimae_scale.metrics")
 
 LABELS = ("job", "rank", "node")
 LOSS_TERMS = ("rec", "max", "min", "q")  # the model's terms; metrics.jsonl has them as loss_<term>
@@ -166,21 +168,26 @@ class TrainingMetrics:
 
     # -- life cycle ------------------------------------------------------------------------------
 
-    def start(self, total_steps: int) -> None:
-        """Serve /metrics (when ``metrics.enabled``); ``total_steps`` is the run's schedule length."""
+    def start(self, total_steps: int) -> bool:
+        """Serve /metrics (when ``metrics.enabled``); ``total_steps`` is the run's schedule length.
+
+        Returns whether the exporter serves. A port that cannot be bound (another job on the node
+        holds it) is logged as an error naming the setting, and training goes on without this
+        rank's exporter: Prometheus shows the target down, and a requeued multi-day run is not
+        lost to its monitoring.
+        """
         self._total_steps = total_steps
-        if not self.cfg.metrics.enabled or self._server is not None:
-            return
-        address = self.cfg.metrics.bind_address
-        try:
-            self._server, self._thread = start_http_server(self.port, addr=address, registry=self.registry)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(
-                    f"metrics.port_base: port {self.port} (port_base {self.cfg.metrics.port_base} + local rank) "
-                    f"on {address} is in use; choose another metrics.port_base or metrics.enabled=false"
-                ) from None
-            raise ConfigError(f"metrics.bind_address: cannot serve on {address}:{self.port}: {exc}") from None
+        if not self.cfg.metrics.enabled:
+            return False
+        if self._server is None:
+            address = self.cfg.metrics.bind_address
+            try:
+                self._server, self._thread = start_http_server(self.port, addr=address, registry=self.registry)
+            except OSError as exc:
+                log.error("metrics: cannot serve on %s:%d (metrics.port_base %d + local rank): %s; this rank trains "
+                          "without its exporter", address, self.port, self.cfg.metrics.port_base, exc)
+                return False
+        return True
 
     def close(self) -> None:
         if self._server is not None:
