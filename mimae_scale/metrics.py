@@ -140,6 +140,7 @@ class TrainingMetrics:
             if self.peak_tflops else None
         )
         self._loss = Gauge("mimae_loss", "Training loss: total and each term.", (*LABELS, "term"), registry=reg)
+        self._loss_terms: dict[str, Any] = {}  # term -> labelled child, made at the first log (labels() is slow)
         self._lr = gauge("mimae_learning_rate", "Learning rate of the last step.")
         self._grad_norm = gauge("mimae_grad_norm", "Global gradient L2 norm before clipping.")
         self._epoch = gauge("mimae_epoch", "Current epoch (0-based).")
@@ -232,11 +233,11 @@ class TrainingMetrics:
         if self._total_steps:
             self._progress.set(min(step / self._total_steps, 1.0))
         self._lr.set(_number("lr", record["lr"]))
-        self._loss.labels(**self.labels, term="total").set(_number("loss", record["loss"]))
+        self._set_loss("total", _number("loss", record["loss"]))
         for term in LOSS_TERMS:
             key = f"loss_{term}"
             if key in record:
-                self._loss.labels(**self.labels, term=term).set(_number(key, record[key]))
+                self._set_loss(term, _number(key, record[key]))
         if record.get("grad_norm") is not None:
             self._grad_norm.set(_number("grad_norm", record["grad_norm"]))
         if self._cuda and torch.cuda.is_initialized():
@@ -244,6 +245,12 @@ class TrainingMetrics:
             self._gpu_allocated.labels(**self.labels).set(torch.cuda.memory_allocated())
             self._gpu_reserved.labels(**self.labels).set(torch.cuda.memory_reserved())
             self._gpu_peak.labels(**self.labels).set(torch.cuda.max_memory_allocated())
+
+    def _set_loss(self, term: str, value: float) -> None:
+        child = self._loss_terms.get(term)
+        if child is None:
+            child = self._loss_terms[term] = self._loss.labels(**self.labels, term=term)
+        child.set(value)
 
     def on_skip(self, nonfinite_here: bool) -> None:
         """A step the ranks agreed to skip; ``nonfinite_here``: this rank saw the non-finite value."""
