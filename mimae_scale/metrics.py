@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 import mimae_scale
 from mimae_scale.config import Config, grad_accumulation
+from mimae_scale.engine.reporting import StepTiming
 from mimae_scale.flops import default_peak_tflops, tokens_per_image, train_flops_per_image
 
 log = logging.getLogger("mimae_scale.metrics")
@@ -79,6 +80,7 @@ class TrainingMetrics:
         job: str | None = None,
     ) -> None:
         self.cfg = cfg
+        self.world_size = world_size
         self.port = cfg.metrics.port_base + local_rank
         self.registry = CollectorRegistry()
         self._server: Any = None
@@ -149,7 +151,8 @@ class TrainingMetrics:
 
         # events
         self._skipped = counter("mimae_skipped_steps", "Steps not applied because some rank had a non-finite value.")
-        self._nonfinite = counter("mimae_nonfinite_events", "Non-finite loss or gradient seen on this rank.")
+        self._nonfinite_loss = counter("mimae_nonfinite_loss_steps",
+                                       "Skipped steps at which this rank's own loss was not finite.")
         self._rejected_samples = counter("mimae_rejected_samples", "Samples the input pipeline skipped as unusable.")
         self._ckpt_duration = Gauge(
             "mimae_checkpoint_save_duration_seconds", "Duration of the last checkpoint save.", LABELS, registry=reg
@@ -199,21 +202,25 @@ class TrainingMetrics:
 
     # -- updates ---------------------------------------------------------------------------------
 
-    def on_step(self, images: int, step_seconds: float, data_wait_seconds: float) -> None:
-        """Every optimiser step: images this rank used, the step's wall time and its data wait."""
-        _number("images", images)
-        _number("step_seconds", step_seconds)
-        _number("data_wait_seconds", data_wait_seconds)
+    def on_step(self, timing: StepTiming) -> None:
+        """Every optimiser step (a :class:`MetricsSink` call): host timings, DeepSpeed's skip flag."""
+        images = _number("images", timing.images) // self.world_size  # timing.images is the global batch
+        step_s = _number("step_s", timing.step_s)
         self._steps.inc()
         self._images.inc(images)
-        self._step_seconds.observe(step_seconds)
-        self._data_wait.inc(data_wait_seconds)
+        self._step_seconds.observe(step_s)
+        self._data_wait.inc(_number("data_wait_s", timing.data_wait_s))
         self._last_step_time.set(time.time())
+        if not timing.applied:
+            self._skipped.inc()
+            if not timing.loss_finite:
+                self._nonfinite_loss.inc()
         self._window_images += images
-        self._window_seconds += step_seconds
+        self._window_seconds += step_s
 
     def on_log(self, record: dict[str, Any]) -> None:
-        """A log step: the metrics.jsonl record (step, epoch, lr, loss, loss_<term>, grad_norm).
+        """A log step (a :class:`MetricsSink` call): the metrics.jsonl record (step, epoch, lr, loss,
+        loss_<term>, grad_norm, skipped_samples), values the trainer has already synchronised.
 
         Throughput is this rank's images over the summed step time since the previous log step.
         """
@@ -240,6 +247,7 @@ class TrainingMetrics:
                 self._set_loss(term, _number(key, record[key]))
         if record.get("grad_norm") is not None:
             self._grad_norm.set(_number("grad_norm", record["grad_norm"]))
+        self._set_rejected_samples(_number("skipped_samples", record["skipped_samples"]))
         if self._cuda and torch.cuda.is_initialized():
             # allocator bookkeeping on the host: no device synchronisation
             self._gpu_allocated.labels(**self.labels).set(torch.cuda.memory_allocated())
@@ -252,18 +260,13 @@ class TrainingMetrics:
             child = self._loss_terms[term] = self._loss.labels(**self.labels, term=term)
         child.set(value)
 
-    def on_skip(self, nonfinite_here: bool) -> None:
-        """A step the ranks agreed to skip; ``nonfinite_here``: this rank saw the non-finite value."""
-        self._skipped.inc()
-        if nonfinite_here:
-            self._nonfinite.inc()
-
-    def set_rejected_samples(self, total: int) -> None:
-        """The input pipeline's running count of rejected samples (it only grows)."""
-        _number("rejected_samples", total)
+    def _set_rejected_samples(self, total: int) -> None:
+        """The loader's running count of unusable samples, which only grows (restored on resume)."""
         if total < self._rejected:
-            raise ValueError(f"rejected samples went down from {self._rejected} to {total}: a count only grows")
-        self._rejected_samples.inc(total - self._rejected)
+            log.error("metrics: the loader's skipped_samples went down from %d to %d; counting from there",
+                      self._rejected, total)
+        else:
+            self._rejected_samples.inc(total - self._rejected)
         self._rejected = total
 
     def on_checkpoint(self, duration_s: float, completed_unix_time: float) -> None:

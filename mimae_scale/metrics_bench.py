@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from mimae_scale.config import Config, load_config
+from mimae_scale.engine.reporting import StepTiming
 from mimae_scale.metrics import TrainingMetrics
 from mimae_scale.model import build_model
 
@@ -55,15 +56,17 @@ def time_metric_updates(cfg: Config, updates: int, repeats: int = 5) -> float:
     """Median cost per training step of the metric updates the trainer makes."""
     metrics = TrainingMetrics(cfg, rank=0, local_rank=0, world_size=1, node="bench", job="bench")
     metrics.start(total_steps=updates)  # served (when metrics.enabled) as in a run
-    record = {"step": 1, "epoch": 0, "samples": 64, "lr": 1e-4, "loss": 1.0, "loss_rec": 0.9, "loss_max": 0.5,
-              "loss_min": 0.01, "loss_q": -0.2, "grad_norm": 1.5}
-    images, log_every = cfg.train.micro_batch, cfg.train.log_every
+    record = {"step": 1, "epoch": 0.01, "samples": 64, "lr": 1e-4, "loss": 1.0, "loss_rec": 0.9, "loss_max": 0.5,
+              "loss_min": 0.01, "loss_q": -0.2, "grad_norm": 1.5, "skipped_samples": 0}
+    timing = StepTiming(step=1, images=cfg.train.micro_batch, step_s=0.05, data_wait_s=0.001, applied=True,
+                        skipped_steps=0)
+    log_every = cfg.train.log_every
     per_step = []
     try:
         for _ in range(repeats):
             start = time.perf_counter()
             for i in range(updates):
-                metrics.on_step(images, 0.05, 0.001)
+                metrics.on_step(timing)
                 if i % log_every == 0:
                     metrics.on_log(record)
             per_step.append((time.perf_counter() - start) / updates)

@@ -16,6 +16,7 @@ from prometheus_tools import free_port_block, http_get, promtool_check_metrics, 
 from torch.utils.flop_counter import FlopCounterMode
 
 from mimae_scale.config import ConfigError, load_config
+from mimae_scale.engine.reporting import StepTiming
 from mimae_scale.flops import default_peak_tflops, tokens_per_image, train_flops_per_image
 from mimae_scale.metrics import STEP_BUCKETS, TrainingMetrics, job_name
 from mimae_scale.model import build_model
@@ -94,6 +95,21 @@ def _tiny(port_base: int, *extra: str):
     return load_config("tiny", [f"metrics.port_base={port_base}", "metrics.job=unit", *extra])
 
 
+def timing(images: int, step_s: float, data_wait_s: float, applied: bool = True,
+           loss_finite: bool = True) -> StepTiming:
+    return StepTiming(step=1, images=images, step_s=step_s, data_wait_s=data_wait_s, applied=applied,
+                      skipped_steps=0, loss_finite=loss_finite)
+
+
+def log_record(rng: random.Random, **fields) -> dict:
+    """A metrics.jsonl record as the trainer writes it."""
+    record = {"step": 1, "epoch": 0.0, "samples": 64, "lr": rng.uniform(1e-5, 1e-3), "loss": rng.random(),
+              "loss_rec": rng.random(), "loss_max": rng.random(), "loss_min": -rng.random(), "loss_q": rng.random(),
+              "grad_norm": rng.uniform(0.1, 5), "images_per_s": 1.0, "step_s": 0.1, "data_wait_s": 0.0,
+              "skipped_steps": 0, "skipped_samples": 0}
+    return {**record, **fields}
+
+
 def _families(text: str) -> dict[str, list]:
     families: dict[str, list] = {}
     for family in text_string_to_metric_families(text):
@@ -116,18 +132,14 @@ def test_exporter_values_labels_and_promtool(seed):
     metrics = TrainingMetrics(cfg, rank=3, local_rank=1, world_size=2, node="nodeA")
     assert metrics.start(total_steps=40)
     try:
-        steps = [(32, rng.uniform(0.01, 0.2), rng.uniform(0.0, 0.005)) for _ in range(rng.randint(3, 9))]
-        for images, seconds, wait in steps:
-            metrics.on_step(images, seconds, wait)
-        record = {"step": 10, "epoch": 1, "samples": 640, "lr": rng.uniform(1e-5, 1e-3), "loss": rng.random(),
-                  "loss_rec": rng.random(), "loss_max": rng.random(), "loss_min": -rng.random(),
-                  "loss_q": rng.random(), "grad_norm": rng.uniform(0.1, 5), "images_per_s": 1.0,
-                  "step_s": 0.1, "data_wait_s": 0.0}
+        # per rank: 32 of the global batch of 64; the last two steps skipped, one for this rank's NaN loss
+        steps = [(64, rng.uniform(0.01, 0.2), rng.uniform(0.0, 0.005)) for _ in range(rng.randint(3, 9))]
+        for i, (images, seconds, wait) in enumerate(steps):
+            skipped = i >= len(steps) - 2
+            metrics.on_step(timing(images, seconds, wait, applied=not skipped, loss_finite=i != len(steps) - 1))
+        record = log_record(rng, step=10, epoch=1.25, skipped_samples=2)
         metrics.on_log(record)
-        metrics.on_skip(nonfinite_here=True)
-        metrics.on_skip(nonfinite_here=False)
-        metrics.set_rejected_samples(2)
-        metrics.set_rejected_samples(5)
+        metrics.on_log({**record, "skipped_samples": 5})
         completed = time.time()
         metrics.on_checkpoint(1.25, completed)
         text = http_get(f"http://127.0.0.1:{base + 1}/metrics")  # port_base + local rank
@@ -143,7 +155,7 @@ def test_exporter_values_labels_and_promtool(seed):
         if name.startswith("mimae_"):
             for sample in samples:
                 assert {k: sample.labels[k] for k in labels} == labels, (name, sample.labels)
-    images = sum(s[0] for s in steps)
+    images = sum(s[0] for s in steps) // 2
     seconds = sum(s[1] for s in steps)
     assert _one(fam, "mimae_steps_total") == len(steps)
     assert _one(fam, "mimae_images_total") == images
@@ -165,10 +177,10 @@ def test_exporter_values_labels_and_promtool(seed):
     assert _one(fam, "mimae_learning_rate") == record["lr"]
     assert _one(fam, "mimae_grad_norm") == record["grad_norm"]
     assert _one(fam, "mimae_global_step") == 10
-    assert _one(fam, "mimae_epoch") == 1
+    assert _one(fam, "mimae_epoch") == 1.25
     assert _one(fam, "mimae_progress_ratio") == 10 / 40
     assert _one(fam, "mimae_skipped_steps_total") == 2
-    assert _one(fam, "mimae_nonfinite_events_total") == 1
+    assert _one(fam, "mimae_nonfinite_loss_steps_total") == 1
     assert _one(fam, "mimae_rejected_samples_total") == 5
     assert _one(fam, "mimae_checkpoint_save_duration_seconds") == 1.25
     assert _one(fam, "mimae_checkpoint_last_complete_timestamp_seconds") == completed
@@ -195,22 +207,26 @@ def test_no_mfu_without_a_peak_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU's default peak applies here")
     metrics = TrainingMetrics(_tiny(free_port_block(1)), rank=0, local_rank=0, world_size=1)
-    metrics.on_step(32, 0.1, 0.0)
-    metrics.on_log({"step": 1, "epoch": 0, "lr": 1e-3, "loss": 1.0})
+    metrics.on_step(timing(32, 0.1, 0.0))
+    metrics.on_log(log_record(random.Random(0)))
     names = {s.name for m in metrics.registry.collect() for s in m.samples}
     assert "mimae_model_flops_per_second" in names
     assert "mimae_model_flops_utilization_ratio" not in names
 
 
-def test_tensors_are_refused_and_counts_only_grow():
+def test_tensors_are_refused_and_counts_only_grow(caplog):
+    """A tensor would make an update a hidden device sync: refused. A count that shrinks is logged."""
     metrics = TrainingMetrics(_tiny(free_port_block(1)), rank=0, local_rank=0, world_size=1)
-    with pytest.raises(TypeError, match="step_seconds"):
-        metrics.on_step(32, torch.tensor(0.1), 0.0)
+    with pytest.raises(TypeError, match="step_s"):
+        metrics.on_step(timing(32, torch.tensor(0.1), 0.0))
+    rng = random.Random(0)
     with pytest.raises(TypeError, match="loss_rec"):
-        metrics.on_log({"step": 1, "epoch": 0, "lr": 1e-3, "loss": 1.0, "loss_rec": torch.tensor(1.0)})
-    metrics.set_rejected_samples(4)
-    with pytest.raises(ValueError, match="went down"):
-        metrics.set_rejected_samples(3)
+        metrics.on_log(log_record(rng, loss_rec=torch.tensor(1.0)))
+    for total in (4, 3, 6):
+        metrics.on_log(log_record(rng, skipped_samples=total))
+    assert "skipped_samples went down from 4 to 3" in caplog.text
+    names = {s.name: s.value for m in metrics.registry.collect() for s in m.samples}
+    assert names["mimae_rejected_samples_total"] == 4 + 3
 
 
 def test_two_ranks_in_one_process_and_port_in_use(caplog):
@@ -221,7 +237,7 @@ def test_two_ranks_in_one_process_and_port_in_use(caplog):
         for r in ranks:
             assert r.start(total_steps=10)
         for r, m in enumerate(ranks):
-            m.on_step(32 * (r + 1), 0.1, 0.0)
+            m.on_step(timing(64 * (r + 1), 0.1, 0.0))
         for r in (0, 1):
             fam = _families(http_get(f"http://127.0.0.1:{base + r}/metrics"))
             assert _one(fam, "mimae_images_total", rank=str(r)) == 32 * (r + 1)
@@ -229,7 +245,7 @@ def test_two_ranks_in_one_process_and_port_in_use(caplog):
         with caplog.at_level(logging.ERROR, logger="mimae_scale.metrics"):
             assert clash.start(total_steps=10) is False  # logged; training goes on unexported
         assert f"cannot serve on 127.0.0.1:{base + 1} (metrics.port_base {base}" in caplog.text
-        clash.on_step(32, 0.1, 0.0)
+        clash.on_step(timing(64, 0.1, 0.0))
         clash.close()
         assert _one(_families(http_get(f"http://127.0.0.1:{base + 1}/metrics")), "mimae_images_total") == 64
     finally:
@@ -243,7 +259,7 @@ def test_disabled_serves_nothing():
     base = free_port_block(1)
     metrics = TrainingMetrics(_tiny(base, "metrics.enabled=false"), rank=0, local_rank=0, world_size=1)
     assert metrics.start(total_steps=1) is False
-    metrics.on_step(32, 0.1, 0.0)
+    metrics.on_step(timing(32, 0.1, 0.0))
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", base)) != 0
     metrics.close()

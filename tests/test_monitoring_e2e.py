@@ -152,7 +152,6 @@ def check_query(prom: PrometheusServer, title: str, target: dict, job: str) -> N
         assert all(s["metric"].get("job") == job for s in result), where
 
 
-@pytest.mark.skipif(not (REPO / "mimae_scale" / "train.py").exists(), reason="the trainer has not landed yet")
 def test_prometheus_scrapes_two_rank_training_and_answers_every_dashboard_query(tmp_path):
     require_prometheus()
     job = f"e2e-{uuid.uuid4().hex[:8]}"
