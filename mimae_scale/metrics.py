@@ -4,9 +4,10 @@ Each rank serves its own registry on ``cfg.metrics.port_base + local_rank`` at
 ``cfg.metrics.bind_address`` (no multiprocess mode, no pushgateway). Every series carries the
 labels ``job``, ``rank`` and ``node``. The catalogue is in docs/METRICS.md.
 
-The trainer calls :meth:`TrainingMetrics.on_step` every optimiser step with numbers it has on the
-host anyway (timings, image counts) and :meth:`TrainingMetrics.on_log` on log steps with the
-``metrics.jsonl`` record, whose values the trainer has already synchronised. Only Python numbers
+:class:`TrainingMetrics` is one of the trainer's sinks (``mimae_scale.engine.reporting``): its
+``on_step`` gets every optimiser step's :class:`StepTiming` (host timings, image counts, DeepSpeed's
+skip flag) and its ``on_log`` the ``metrics.jsonl`` record of a log step, whose values the trainer
+has already synchronised; ``on_checkpoint`` follows each complete checkpoint. Only Python numbers
 are accepted: a tensor would make the update a hidden host-device synchronisation, so it is
 refused with a TypeError.
 """
