@@ -183,7 +183,8 @@ def test_prometheus_scrapes_two_rank_training_and_answers_every_dashboard_query(
         ranks = prom.api("label/rank/values", **{"match[]": f'mimae_run_info{{job="{job}"}}'})
         assert job in jobs and ranks == ["0", "1"]
 
-        # every panel query, as Grafana would send it
+        # every panel query, as Grafana would send it (a query naming no existing series gives no data)
+        assert prom.query(f'mimae_images_totl{{job="{job}"}}') == []
         queries = [(title, target) for title, target in dashboard_queries() if not is_dcgm(target["expr"])]
         for title, target in queries:
             check_query(prom, title, target, job)
