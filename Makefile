@@ -11,14 +11,18 @@ STAMP := $(VENV)/.installed
 export DS_BUILD_OPS := 0
 # The interpreter runs Triton kernels on the CPU (tests only; a GPU run leaves it unset).
 # DeepSpeed JIT-compiles a CPU communication op on first use (~40 s): keep it across runs.
-TEST_ENV := TRITON_INTERPRET=1 TORCH_EXTENSIONS_DIR=$(HOME)/.cache/mimae_scale/torch_extensions
+EXT_DIR := $(HOME)/.cache/mimae_scale/torch_extensions
+TEST_ENV := TRITON_INTERPRET=1 TORCH_EXTENSIONS_DIR=$(EXT_DIR)
+# A build killed half-way leaves torch's `lock` file behind and every later build then waits on it
+# forever; nothing builds before a target starts, so any lock found then is stale.
+CLEAR_STALE_LOCKS := find $(EXT_DIR) -name lock -delete 2>/dev/null || true
 
 .PHONY: setup test lint clean demo
 
 DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
 # one thread per rank: 2 ranks on 2 cores
-DEMO_ENV := OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR=$(HOME)/.cache/mimae_scale/torch_extensions
+DEMO_ENV := OMP_NUM_THREADS=1 TORCH_EXTENSIONS_DIR=$(EXT_DIR)
 
 setup: $(STAMP)
 
@@ -32,11 +36,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: $(STAMP) lint
+	$(CLEAR_STALE_LOCKS)
 	$(TEST_ENV) $(BIN)/python -m pytest -q
 
 demo: $(STAMP)
 	test -f $(DEMO_DIR)/shards/train/manifest.json || $(BIN)/mimae-shards demo $(DEMO_DIR)/shards
 	rm -rf $(DEMO_DIR)/run
+	$(CLEAR_STALE_LOCKS)
 	$(DEMO_ENV) $(BIN)/deepspeed --num_gpus 2 mimae_scale/train.py --config tiny run_dir=$(DEMO_DIR)/run \
 		engine.zero_stage=1 train.epochs=3 data.backend=dali data.train_shards=$(DEMO_DIR)/shards/train \
 		data.val_shards=$(DEMO_DIR)/shards/val $(DEMO_ARGS)

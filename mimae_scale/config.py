@@ -112,6 +112,12 @@ class TrainConfig:
 class EngineConfig:
     zero_stage: int = 1
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # Communication tuning (docs/SCALING.md), passed to DeepSpeed's zero_optimization; null keeps
+    # DeepSpeed's own default. Sizes are elements, not bytes.
+    overlap_comm: bool | None = None  # reduce gradient buckets during the backward
+    reduce_bucket_size: int | None = None  # gradient bucket (DeepSpeed default 5e8: one bucket, no overlap)
+    allgather_bucket_size: int | None = None  # ZeRO 1/2 parameter all-gather bucket
+    prefetch_bucket_size: int | None = None  # ZeRO 3 parameters fetched ahead of the forward
 
 
 @dataclass
@@ -371,6 +377,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                f"on {world_size} ranks")
 
     _check(cfg.engine.zero_stage in (0, 1, 2, 3), "engine.zero_stage", "must be 0, 1, 2 or 3")
+    for name in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size"):
+        size = getattr(cfg.engine, name)
+        _check(size is None or size >= 1, f"engine.{name}", "must be a positive number of elements or null")
     c = cfg.checkpoint
     _check(c.every_steps >= 1, "checkpoint.every_steps", "must be at least 1")
     _check(c.every_minutes > 0, "checkpoint.every_minutes", "must be positive")

@@ -22,6 +22,25 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
     return precision
 
 
+# Our engine.* communication settings and DeepSpeed's names for them (docs/SCALING.md).
+_ZERO_TUNING = {
+    "overlap_comm": "overlap_comm",
+    "reduce_bucket_size": "reduce_bucket_size",
+    "allgather_bucket_size": "allgather_bucket_size",
+    "prefetch_bucket_size": "stage3_prefetch_bucket_size",
+}
+
+
+def zero_optimization(cfg: Config) -> dict[str, Any]:
+    """The ZeRO section: the stage, plus only the tuning the config sets (DeepSpeed's defaults otherwise)."""
+    zero: dict[str, Any] = {"stage": cfg.engine.zero_stage}
+    for ours, theirs in _ZERO_TUNING.items():
+        value = getattr(cfg.engine, ours)
+        if value is not None:
+            zero[theirs] = value
+    return zero
+
+
 def build_ds_config(cfg: Config, world_size: int, device: torch.device) -> dict[str, Any]:
     """The dict handed to ``deepspeed.initialize``. Batch sizes are images:
     global = micro-batch x world size x accumulation steps, which DeepSpeed checks again."""
@@ -31,7 +50,7 @@ def build_ds_config(cfg: Config, world_size: int, device: torch.device) -> dict[
         "train_batch_size": cfg.train.global_batch,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
         "gradient_accumulation_steps": accumulation,
-        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "zero_optimization": zero_optimization(cfg),
         "bf16": {"enabled": precision == "bf16"},
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
