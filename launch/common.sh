@@ -33,7 +33,7 @@
 #   MIMAE_MAX_MICRO_BATCH  most images per GPU per forward; accumulation makes up the rest [the launcher's]
 #   MIMAE_MASTER_PORT      rendezvous port [20000 + derived from the job id and restart count]
 #   MIMAE_METRICS_BIND     address the per-rank Prometheus exporters bind to [0.0.0.0]
-#   MIMAE_METRICS_PORT     exporter port of local rank 0; rank r uses +r [9400]
+#   MIMAE_METRICS_PORT     exporter port of local rank 0; rank r uses +r [9410; 9400 is DCGM's]
 #   MIMAE_TARGETS_DIR      Prometheus file_sd directory for this job's targets [$MIMAE_RUN_DIR/prometheus]
 #   MIMAE_DRY_RUN          1: print the plan and the srun command, run nothing [0]
 # Thread and NCCL defaults (each kept when already set): OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK (or 1),
@@ -132,7 +132,7 @@ mimae_launch() {
   export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 
   local run_dir=${MIMAE_RUN_DIR:-${MIMAE_OUTPUT_ROOT:-$repo/runs}/$run_name}
-  local port_base=${MIMAE_METRICS_PORT:-9400}
+  local port_base=${MIMAE_METRICS_PORT:-9410}
   local targets_dir=${MIMAE_TARGETS_DIR:-$run_dir/prometheus}
   local -a overrides=(
     "run_dir=$run_dir"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -134,9 +135,10 @@ class KernelsConfig:
 @dataclass
 class MetricsConfig:
     enabled: bool = True
-    port_base: int = 9400
+    port_base: int = 9410  # exporter of local rank r on port_base + r; 9400 is the DCGM exporter's default
     bind_address: str = "127.0.0.1"
     peak_tflops: float | None = None  # MFU denominator; a per-GPU default when unset
+    job: str = ""  # Prometheus `job` label; empty: $SLURM_JOB_NAME, else the run directory's name
 
 
 @dataclass
@@ -385,6 +387,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(0 < cfg.metrics.port_base < 65536, "metrics.port_base", "must be a TCP port")
     _check(cfg.metrics.peak_tflops is None or cfg.metrics.peak_tflops > 0, "metrics.peak_tflops",
            "must be positive or null")
+    _check(re.fullmatch(r"[A-Za-z0-9_.:-]*", cfg.metrics.job) is not None, "metrics.job",
+           f"{cfg.metrics.job!r}: use letters, digits and _ . : - only (it becomes a label value and a file name)")
     _check(cfg.eval.knn_every_epochs >= 0, "eval.knn_every_epochs", "must be >= 0")
     _check(cfg.eval.knn_k >= 1, "eval.knn_k", "must be at least 1")
     _check(cfg.eval.knn_temperature > 0, "eval.knn_temperature", "must be positive")

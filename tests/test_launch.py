@@ -162,7 +162,7 @@ def test_launcher_plan_is_a_valid_config(slurm, script, nodes, per_node):
     assert (cfg.train.global_batch, cfg.train.micro_batch) == (4096, micro)
     assert grad_accumulation(cfg, world) * micro * world == 4096
     assert cfg.run_dir == str(REPO / "runs" / run_name)
-    assert cfg.metrics.bind_address == "0.0.0.0" and cfg.metrics.port_base == 9400
+    assert cfg.metrics.bind_address == "0.0.0.0" and cfg.metrics.port_base == 9410
 
 
 @pytest.mark.slow

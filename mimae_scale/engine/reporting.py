@@ -27,6 +27,7 @@ class StepTiming:
     data_wait_s: float  # host time blocked waiting for this rank's micro-batches
     applied: bool  # False when the step was skipped (non-finite loss or gradients)
     skipped_steps: int  # DeepSpeed's engine.skipped_steps after this step
+    loss_finite: bool = True  # this rank's loss was finite (read on skipped steps only, so no sync otherwise)
 
 
 class MetricsSink(Protocol):

@@ -42,6 +42,7 @@ from mimae_scale.engine.ds_config import build_ds_config, resolve_precision, wri
 from mimae_scale.engine.optim import LRSchedule, build_optimizer, peak_lr
 from mimae_scale.engine.reporting import ConsoleSink, JsonlSink, MetricsSink, StepTiming
 from mimae_scale.engine.signals import StopRequest
+from mimae_scale.metrics import TrainingMetrics
 from mimae_scale.model import build_model
 
 log = logging.getLogger("mimae_scale.engine")
@@ -128,6 +129,9 @@ class Trainer:
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
         self.schedule = LRSchedule.from_config(cfg, self.steps_per_epoch)
+        self.metrics = TrainingMetrics(cfg, env.rank, env.local_rank, env.world_size)  # this rank's exporter
+        self.metrics.start(self.total_steps)
+        self.sinks.append(self.metrics)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg)
@@ -231,6 +235,12 @@ class Trainer:
 
     def run(self) -> int:
         """Train until the schedule (or train.max_steps) ends; returns the exit status."""
+        try:
+            return self._train()
+        finally:
+            self.metrics.close()
+
+    def _train(self) -> int:
         if self.step >= self.last_step:
             log.info("the checkpoint is at step %d, the run ends at step %d: nothing to do", self.step, self.last_step)
             return EXIT_OK
@@ -249,7 +259,8 @@ class Trainer:
                 epoch_iter = None
             self._account(interval, out)
             timing = StepTiming(self.step, self.cfg.train.global_batch, time.perf_counter() - step_started,
-                                interval.data_wait_s - wait_before, out.applied, self.engine.skipped_steps)
+                                interval.data_wait_s - wait_before, out.applied, self.engine.skipped_steps,
+                                loss_finite=out.applied or math.isfinite(out.loss.item()))
             for sink in self.sinks:
                 sink.on_step(timing)
 
@@ -349,7 +360,9 @@ class Trainer:
         marker = {"world_size": self.env.world_size, "zero_stage": cfg.engine.zero_stage,
                   "fingerprint": cfg.fingerprint(), "method": method, "samples": client["samples"],
                   "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        started = time.perf_counter()
         self.ckpt.save(self.engine, self.step, client, mine, marker)
+        self.metrics.on_checkpoint(time.perf_counter() - started, time.time())
         self.last_save = time.monotonic()
 
     def _summary(self, started_at: int, seconds: float) -> None:
