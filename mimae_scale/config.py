@@ -396,3 +396,10 @@ def dump_yaml(cfg: Config) -> str:
         return obj
 
     return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A validated Config from plain data (``cfg.to_dict()``, a checkpoint's stored config)."""
+    cfg = _from_dict(Config, data)
+    validate(cfg)
+    return cfg
