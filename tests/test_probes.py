@@ -115,6 +115,10 @@ def test_extract_features_pools_and_keeps_labels_in_order(gen, pool):
     assert enc.training  # restored
     assert torch.equal(out_labels, labels)
     torch.testing.assert_close(feats, pool_tokens(enc.forward_features(imgs), pool).detach())
+    # padding rows (valid False) are dropped
+    padded = [{"images": imgs[:4], "labels": labels[:4], "valid": torch.tensor([True, False, True, False])}]
+    feats, out_labels = extract_features(enc, padded, pool)
+    assert out_labels.tolist() == [0, 2] and feats.shape[0] == 2
     with pytest.raises(ValueError, match="pool"):
         pool_tokens(torch.zeros(1, 2, 3), "max")
     with pytest.raises(ValueError, match="no batches"):

@@ -1,7 +1,8 @@
 """Frozen-encoder features of labelled batches: the input of the kNN and linear probes.
 
 Works on any iterable of ``{"images": (B, C, H, W), "labels": (B,)}`` batches (the evaluation
-loader, or tensors in memory), on whatever device the model is on.
+loader, or tensors in memory), on whatever device the model is on. Rows whose ``"valid"`` flag is
+False (the shard loaders' padding of a rank's last batch) are dropped, so every sample counts once.
 """
 
 from __future__ import annotations
@@ -44,8 +45,13 @@ def extract_features(
     try:
         for i, batch in enumerate(batches, 1):
             images = batch["images"].to(param.device, param.dtype, non_blocking=True)
-            feats.append(pool_tokens(model.forward_features(images), pool).float().cpu())
-            labels.append(batch["labels"].reshape(-1).long().cpu())
+            pooled = pool_tokens(model.forward_features(images), pool).float().cpu()
+            batch_labels = batch["labels"].reshape(-1).long().cpu()
+            if "valid" in batch:
+                valid = batch["valid"].reshape(-1).bool().cpu()
+                pooled, batch_labels = pooled[valid], batch_labels[valid]
+            feats.append(pooled)
+            labels.append(batch_labels)
             if progress and i % 50 == 0:
                 print(f"{progress}: {sum(len(y) for y in labels)} images", file=sys.stderr, flush=True)
     finally:
