@@ -138,6 +138,7 @@ class EvalConfig:
     knn_every_epochs: int = 0  # online kNN monitor on data.val_shards; 0 = off
     knn_k: int = 20
     knn_temperature: float = 0.07
+    pool: Literal["cls", "mean"] = "mean"  # features of the kNN monitor and mimae-eval: cls token or patch mean
 
 
 @dataclass
@@ -377,6 +378,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(cfg.eval.knn_every_epochs >= 0, "eval.knn_every_epochs", "must be >= 0")
     _check(cfg.eval.knn_k >= 1, "eval.knn_k", "must be at least 1")
     _check(cfg.eval.knn_temperature > 0, "eval.knn_temperature", "must be positive")
+    _check(cfg.eval.knn_every_epochs == 0 or bool(cfg.data.val_shards), "data.val_shards",
+           "the online kNN monitor (eval.knn_every_epochs > 0) needs a held-out shard set")
 
 
 def grad_accumulation(cfg: Config, world_size: int) -> int:

@@ -209,3 +209,26 @@ def test_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="pass --config"):
         load_checkpoint(folder)
     assert export_mod.main([str(folder), str(tmp_path / "x.pth")]) == 2
+
+
+def test_online_knn_reads_a_zero3_engine(process_group, gen, seed):
+    """forward_features on a ZeRO-3 partitioned module (cls_token gathered by online_knn) gives the
+    same monitor value as the plain model with the same weights."""
+    from mimae_scale.evaluation.online import online_knn
+
+    cfg = load_config("tiny", ["engine.zero_stage=3", "data.val_shards=/unused", "eval.knn_every_epochs=1"])
+    torch.manual_seed(seed)
+    model = LossOnlyMIMAE(cfg)
+    plain = MIMAE(cfg)
+    plain.load_state_dict(model.state_dict())
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+                 "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
+                                      optimizer=lambda params: torch.optim.SGD(params, lr=0.0))
+    assert engine.module.cls_token.numel() == 0  # partitioned: forward_features needs the gather
+    labels = torch.randint(0, 10, (64,), generator=gen)
+    batches = [{"images": torch.randn(16, 3, 32, 32, generator=gen), "labels": labels[i:i + 16]}
+               for i in range(0, 64, 16)]
+    got = online_knn(engine.module, cfg, batches=batches)
+    want = online_knn(plain, cfg, batches=batches)
+    assert got["knn_top1"] == want["knn_top1"] and got["knn_top5"] == want["knn_top5"]
