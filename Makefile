@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 # DeepSpeed's ops are JIT-built when first used; never at install time.
 export DS_BUILD_OPS := 0
 # The interpreter runs Triton kernels on the CPU (tests only; a GPU run leaves it unset).
-TEST_ENV := TRITON_INTERPRET=1 TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions
+# DeepSpeed JIT-compiles a CPU communication op on first use (~40 s): keep it across runs.
+TEST_ENV := TRITON_INTERPRET=1 TORCH_EXTENSIONS_DIR=$(HOME)/.cache/mimae_scale/torch_extensions
 
 .PHONY: setup test lint clean
 

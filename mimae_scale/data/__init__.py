@@ -4,6 +4,13 @@ A train loader (see :class:`TrainLoader`) yields ``{"images": (B, C, H, W) float
 int64}`` with B = ``cfg.train.micro_batch``, exactly ``steps_per_epoch`` batches per pass, and
 each new ``iter()`` starts the next epoch. ``state_dict()`` / ``load_state_dict()`` capture where
 it stands, so a resumed run sees the same next batches as one that never stopped.
+
+The shard backends (``dali``, ``webdataset``) also yield ``"valid": (B,) bool``: False marks the
+padding rows of a rank's last batch of an epoch (repeats of a real sample, there so that every
+rank runs the same number of full batches). Over one epoch the valid rows of all ranks are every
+usable sample exactly once; ``steps_per_epoch = ceil(ceil(N / world_size) / micro_batch)`` for N
+usable samples. ``loader.skipped_samples`` counts samples that could not be used (no .jpg/.cls in
+the index; for ``webdataset`` also undecodable images, which become padding rows).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from mimae_scale.config import Config
 
 class TrainLoader(Protocol):
     steps_per_epoch: int
+    skipped_samples: int
 
     def __iter__(self): ...
 
@@ -27,8 +35,39 @@ class TrainLoader(Protocol):
 
 def build_train_loader(cfg: Config, rank: int, world_size: int, device: torch.device) -> TrainLoader:
     """The configured backend for this rank's share of the training data."""
-    if cfg.data.backend == "synthetic":
+    backend = cfg.data.backend
+    if backend == "synthetic":
         from mimae_scale.data.synthetic import SyntheticLoader
 
         return SyntheticLoader(cfg, rank, world_size, device)
-    raise NotImplementedError(f"data.backend {cfg.data.backend!r} is not available yet")
+    batch = cfg.train.micro_batch
+    if backend == "dali":
+        from mimae_scale.data.dali_loader import build_dali_loader
+
+        return build_dali_loader(
+            cfg, cfg.data.train_shards, "data.train_shards", rank, world_size, device, batch_size=batch, train=True
+        )
+    if backend == "webdataset":
+        from mimae_scale.data.wds_loader import build_wds_loader
+
+        return build_wds_loader(
+            cfg, cfg.data.train_shards, "data.train_shards", rank, world_size, device, batch_size=batch, train=True
+        )
+    raise ValueError(f"data.backend: unknown backend {backend!r}")
+
+
+def build_eval_loader(
+    cfg: Config, shards: str, rank: int, world_size: int, device: torch.device, batch_size: int | None = None
+):
+    """Deterministic evaluation batches (resize shorter side to img_size/0.875, centre crop, no
+    augmentation, fp32) over ``shards`` (e.g. ``cfg.data.val_shards``): each ``iter()`` is one pass in
+    which the ``valid`` rows of all ranks are every sample exactly once. Uses ``data.backend``'s
+    decoder (``dali`` or ``webdataset``; ``synthetic`` falls back to ``webdataset``)."""
+    batch = batch_size or cfg.train.micro_batch
+    if cfg.data.backend == "dali":
+        from mimae_scale.data.dali_loader import build_dali_loader
+
+        return build_dali_loader(cfg, shards, "eval shards", rank, world_size, device, batch_size=batch, train=False)
+    from mimae_scale.data.wds_loader import build_wds_loader
+
+    return build_wds_loader(cfg, shards, "eval shards", rank, world_size, device, batch_size=batch, train=False)

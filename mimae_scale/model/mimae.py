@@ -6,8 +6,8 @@ encoder and decoder serves them all (SPEC.md section 1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -16,14 +16,17 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mimae_scale import losses, masking
+from mimae_scale import losses, masking, ops
 from mimae_scale.config import Config
 from mimae_scale.model.heads import ApproximationNetwork, Projector
 from mimae_scale.model.pos_embed import sincos_2d
 
 
-@dataclass
-class MIMAEOutput:
+class MIMAEOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: ZeRO-3 finds the tensors of a module's output only inside
+    tuples and dicts, and hooks them to re-gather the module's own parameters (mask_token,
+    cls_token) for the backward; with a dataclass the backward met released, empty parameters."""
+
     loss: torch.Tensor  # what the optimiser minimises: w_rec*rec + w_max*max + w_min*min + q
     terms: dict[str, torch.Tensor]  # every term separately: rec, and max, min, q where enabled
     pred: torch.Tensor  # (B*K, N, P) predicted (normalised) patches
@@ -54,6 +57,7 @@ class MIMAE(nn.Module):
         self.mask_ratio = cfg.mask.ratio
         self.mask_strategy = cfg.mask.strategy
         self.weights = cfg.loss
+        self.kernels_enabled = cfg.kernels.enabled  # Triton kernels or references (mimae_scale.ops)
         norm = partial(nn.LayerNorm, eps=1e-6)
 
         # encoder (names follow timm's VisionTransformer, so export is a rename-free copy)
@@ -122,12 +126,17 @@ class MIMAE(nn.Module):
         x = x.reshape(b, side, side, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(b, c, side * p, side * p)
 
+    def _ops(self, x: torch.Tensor) -> ops.Implementation:
+        """The hot-path ops for x's device. Called inside forward, where ZeRO-3 has gathered this
+        module's parameters (mask_token), so the kernels receive plain tensors."""
+        return ops.implementation(self.kernels_enabled, x.device)
+
     # -- encoder and decoder ---------------------------------------------------------------------
 
     def encode(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """Encoder on each mask's visible patches: (B*K, 1+L, D) after the final norm."""
         tokens = self.patch_embed(imgs)
-        x = masking.gather_visible(tokens, ids_keep, self.pos_embed[0, 1:], self.num_masks)
+        x = self._ops(tokens).gather_visible(tokens, ids_keep, self.pos_embed[0, 1:], self.num_masks)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1)
         for block in self.blocks:
@@ -137,7 +146,7 @@ class MIMAE(nn.Module):
     def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Decoder over the full grid: (B*K, N, p*p*C) predictions (cls row dropped)."""
         x = self.decoder_embed(latent)
-        x = masking.unshuffle_with_mask_tokens(x, ids_restore, self.mask_token[0, 0], self.decoder_pos_embed[0])
+        x = self._ops(x).unshuffle_with_mask_tokens(x, ids_restore, self.mask_token[0, 0], self.decoder_pos_embed[0])
         for block in self.decoder_blocks:
             x = block(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
@@ -155,6 +164,7 @@ class MIMAE(nn.Module):
 
     def forward(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> MIMAEOutput:
         k = self.num_masks
+        impl = self._ops(imgs)
         ids_keep, ids_restore, mask = masking.make_masks(
             imgs.shape[0], self.num_patches, k, self.mask_ratio, self.mask_strategy,
             generator=generator, device=imgs.device,
@@ -163,7 +173,7 @@ class MIMAE(nn.Module):
         pred = self.decode(latent, ids_restore)
         target = self.patchify(imgs)
         rows_target = target.repeat_interleave(k, dim=0)
-        terms = {"rec": losses.norm_pix_mse(pred, rows_target, mask)}
+        terms = {"rec": impl.norm_pix_mse(pred, rows_target, mask)}
         loss = self.weights.w_rec * terms["rec"]
 
         if self.projector is not None:
@@ -171,16 +181,16 @@ class MIMAE(nn.Module):
             z = self.projector(pooled)
             if self.cfg.mi.negatives == "global":
                 z = _gather_with_grad(z)
-            terms["max"] = losses.info_nce(z, k, self.cfg.mi.tau)
+            terms["max"] = impl.info_nce(z, k, self.cfg.mi.tau)
             loss = loss + self.weights.w_max * terms["max"]
 
         if self.approx is not None:
             z, x = self._club_pairs(imgs, latent, target, ids_keep)
             perm = torch.randperm(z.shape[0], generator=generator, device=z.device)
             mu, logvar = self.approx(z.detach())  # L_q trains theta only
-            terms["q"] = losses.gaussian_nll(mu, logvar, x)
+            terms["q"] = impl.gaussian_nll(mu, logvar, x)
             mu, logvar = self.approx(z, detach_params=True)  # L_min moves the encoder only
-            terms["min"] = losses.club_upper_bound(mu, logvar, x, perm)
+            terms["min"] = impl.club_upper_bound(mu, logvar, x, perm)
             loss = loss + self.weights.w_min * terms["min"] + terms["q"]
 
         return MIMAEOutput(loss=loss, terms=terms, pred=pred, mask=mask)

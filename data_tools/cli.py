@@ -1,0 +1,116 @@
+"""``mimae-shards``: build, verify, index and demo shard sets (see README, "Data")."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from mimae_scale.data_tools.build import BuildError, BuildSettings, build, read_class_list
+from mimae_scale.data_tools.demo import write_demo
+from mimae_scale.data_tools.encode import EncodeSettings
+from mimae_scale.data_tools.index import write_index
+from mimae_scale.data_tools.verify import verify
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    settings = BuildSettings(
+        prefix=args.prefix,
+        shard_size=args.shard_size,
+        seed=args.seed,
+        encode=EncodeSettings(min_side=args.min_side, max_side=args.max_side, quality=args.quality),
+    )
+    classes = read_class_list(args.classes) if args.classes else None
+    t0 = time.perf_counter()
+    try:
+        m = build(args.src, args.out, settings, workers=args.workers, classes=classes, progress=not args.quiet)
+    except BuildError as e:
+        print(f"mimae-shards build: {e}", file=sys.stderr)
+        return 2
+    dt = time.perf_counter() - t0
+    print(
+        f"{m['total_inputs']} inputs -> {m['total_samples']} samples in {len(m['shards'])} shards "
+        f"({m['total_bytes'] / 1e6:.1f} MB), {m['total_rejected']} rejected (see {args.out / 'rejected.jsonl'}), "
+        f"{m['total_reencoded']} re-encoded, {dt:.1f} s"
+    )
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    problems = verify(args.out, fraction=args.fraction, seed=args.seed, progress=not args.quiet)
+    for p in problems:
+        print(p)
+    print(f"{args.out}: {'OK' if not problems else f'{len(problems)} problem(s)'}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    for tar in args.tars:
+        print(write_index(tar))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    ms = write_demo(
+        args.out,
+        train_per_class=args.train_per_class,
+        val_per_class=args.val_per_class,
+        size=args.size,
+        shard_size=args.shard_size,
+        seed=args.seed,
+    )
+    summary = ", ".join(f"{k}: {m['total_samples']} samples in {len(m['shards'])} shards" for k, m in ms.items())
+    print(f"{args.out}: {summary} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mimae-shards", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="images (class folders or a 'PATH CLASS' list) -> shards")
+    b.add_argument("src", type=Path, help="class-per-folder tree, or a text file of 'PATH CLASS' lines")
+    b.add_argument("out", type=Path, help="output directory (re-run the same command to finish a build)")
+    b.add_argument("--prefix", default="train", help="shard name prefix: PREFIX-000000.tar (default train)")
+    b.add_argument("--shard-size", type=int, default=1000, help="inputs per shard (default 1000)")
+    b.add_argument("--seed", type=int, default=0, help="global shuffle seed (default 0)")
+    b.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
+    b.add_argument("--min-side", type=int, default=16, help="reject images whose shorter side is smaller")
+    b.add_argument("--max-side", type=int, default=None, help="shrink images whose longer side is larger")
+    b.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    b.add_argument("--classes", type=Path, help="class list: a manifest.json / shard set dir, or one name a line")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_cmd_build)
+
+    v = sub.add_parser("verify", help="check shards, indexes and checksums; decode samples")
+    v.add_argument("out", type=Path)
+    v.add_argument("--fraction", type=float, default=1.0, help="decode this random fraction of samples")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=_cmd_verify)
+
+    i = sub.add_parser("index", help="write DALI index files for tars made elsewhere (e.g. wds.ShardWriter)")
+    i.add_argument("tars", type=Path, nargs="+")
+    i.set_defaults(func=_cmd_index)
+
+    d = sub.add_parser("demo", help="generate the demo dataset: OUT/train and OUT/val shard sets")
+    d.add_argument("out", type=Path)
+    d.add_argument("--train-per-class", type=int, default=500)
+    d.add_argument("--val-per-class", type=int, default=100)
+    d.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    d.add_argument("--shard-size", type=int, default=1000)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

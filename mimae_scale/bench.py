@@ -1,0 +1,224 @@
+"""``mimae-bench``: throughput benchmarks that always measure their reference in the same run.
+
+``mimae-bench shards``: ``mimae-shards build`` images/s (one worker, so per core) on generated
+ImageNet-sized JPEGs (10% progressive, which are re-encoded), beside the floor of any validating
+builder: reading and fully decoding the same files with PIL.
+
+``mimae-bench data``: training images/s of each input backend (decode, random-resized crop,
+resize, flip, normalise, batch) beside a plain webdataset + PIL + torchvision pipeline (one
+process, the library's documented usage) on the same shards. "per core" is images per second of
+process CPU time (all threads counted), the number to multiply by cores when sizing a machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from mimae_scale.config import load_config
+
+
+def _reference_batches(tars: list[str], size: int, batch: int, cfg) -> Iterator[torch.Tensor]:
+    """The plain baseline: wds.WebDataset(...).decode("pil") with torchvision transforms."""
+    import webdataset as wds
+    from torchvision import transforms as T
+
+    tf = T.Compose(
+        [
+            T.RandomResizedCrop(
+                size, scale=cfg.data.crop_scale, ratio=cfg.data.crop_ratio, interpolation=T.InterpolationMode.BICUBIC
+            ),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(cfg.data.mean, cfg.data.std),
+        ]
+    )
+    ds = (
+        wds.WebDataset(tars, shardshuffle=False, empty_check=False, nodesplitter=None)
+        .decode("pil")
+        .to_tuple("jpg", "cls")
+        .map_tuple(tf, int)
+        .batched(batch)
+    )
+    while True:
+        yield from (imgs for imgs, _ in ds)
+
+
+def _loader_batches(loader) -> Iterator[torch.Tensor]:
+    while True:
+        yield from (b["images"] for b in loader)
+
+
+def _measure(batches: Iterator[torch.Tensor], warmup: int, count: int) -> tuple[float, float, int]:
+    for _ in range(warmup):
+        next(batches)
+    images = 0
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(count):
+        images += len(next(batches))
+    return images / (time.perf_counter() - wall), images / max(time.process_time() - cpu, 1e-9), images
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from mimae_scale.data import build_train_loader
+    from mimae_scale.data.shardset import resolve_shards
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = args.shards
+        if shards is None:
+            from mimae_scale.data_tools.demo import write_demo
+
+            per_class = max(1, args.images // 10)
+            write_demo(Path(tmp), train_per_class=per_class, val_per_class=1, size=args.image_side, seed=0)
+            shards = str(Path(tmp) / "train")
+            print(f"shards: {per_class * 10} generated {args.image_side}x{args.image_side} JPEGs in {tmp}")
+        tars = resolve_shards(shards).tars
+        overrides = [
+            f"data.train_shards={shards}",
+            f"model.img_size={args.img_size}",
+            f"train.micro_batch={args.batch}",
+            f"data.num_threads={args.threads}",
+            f"data.shuffle_buffer={args.shuffle_buffer}",
+            "engine.precision=fp32",
+        ]
+        runs: dict[str, Callable[[], Iterator[torch.Tensor]]] = {
+            "reference (webdataset+PIL+torchvision, 1 thread)": lambda: _reference_batches(
+                tars, args.img_size, args.batch, load_config("tiny", overrides)
+            ),
+        }
+        for backend in args.backends.split(","):
+            cfg = load_config("tiny", [*overrides, f"data.backend={backend}"])
+            runs[f"{backend} ({device.type}, {args.threads} threads)"] = lambda cfg=cfg: _loader_batches(
+                build_train_loader(cfg, 0, 1, device)
+            )
+        # One torch thread: the reference's per-image tensor ops must not fight the pipelines' threads.
+        torch.set_num_threads(1)
+        print(
+            f"device: {device}, img_size {args.img_size}, batch {args.batch}, {args.batches} timed batches, "
+            f"best of {args.rounds} interleaved rounds"
+        )
+        print(f"{'pipeline':<52} {'images/s':>10} {'per core':>10}")
+        pipelines = {name: make() for name, make in runs.items()}
+        results: dict[str, tuple[float, float]] = {}
+        for _ in range(args.rounds):  # interleaved, so a noisy neighbour hits every pipeline alike
+            for name, batches in pipelines.items():
+                rate, per_cpu_s, _ = _measure(batches, args.warmup, args.batches)
+                best = results.get(name, (0.0, 0.0))
+                results[name] = (max(best[0], rate), max(best[1], per_cpu_s))
+        for name, (rate, per_cpu_s) in results.items():
+            print(f"{name:<52} {rate:>10.0f} {per_cpu_s:>10.0f}", flush=True)
+        results = {name: rate for name, (rate, _) in results.items()}
+        ref = next(iter(results.values()))
+        for name, rate in list(results.items())[1:]:
+            print(f"{name}: {rate / ref:.2f}x the reference")
+    return 0
+
+
+def _imagenet_like_tree(root: Path, count: int) -> list[Path]:
+    """JPEGs of ImageNet's typical size (350-500 x 300-400 px), smooth content plus grain."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        w, h = int(rng.integers(350, 500)), int(rng.integers(300, 400))
+        coarse = Image.fromarray(rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8))
+        pixels = np.asarray(coarse.resize((w, h), Image.Resampling.BICUBIC)).astype(np.int16)
+        pixels += rng.integers(-20, 20, (h, w, 3), dtype=np.int16)
+        path = root / f"n{i % 10:08d}" / f"{i}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90, progressive=i % 10 == 0)
+        paths.append(path)
+    return paths
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    import os
+
+    from PIL import Image
+
+    from mimae_scale.data_tools.build import BuildSettings, build
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _imagenet_like_tree(Path(tmp) / "src", args.images)
+        mb = sum(p.stat().st_size for p in paths) / 1e6
+        print(f"{len(paths)} generated JPEGs, {mb:.1f} MB, 10% progressive")
+
+        def timed(fn) -> tuple[float, float]:
+            t0, c0 = time.perf_counter(), os.times()
+            fn()
+            c1 = os.times()
+            cpu = (c1.user + c1.system + c1.children_user + c1.children_system) - (
+                c0.user + c0.system + c0.children_user + c0.children_system
+            )
+            return len(paths) / (time.perf_counter() - t0), len(paths) / max(cpu, 1e-9)
+
+        def decode_all() -> None:
+            for p in paths:
+                with Image.open(p) as img:
+                    img.load()
+
+        results = {}
+        for r in range(args.rounds):
+            for name, fn in (
+                ("reference: read + PIL full decode", decode_all),
+                (
+                    "mimae-shards build (1 worker)",
+                    lambda r=r: build(
+                        Path(tmp) / "src", Path(tmp) / f"out{r}", BuildSettings(shard_size=100), progress=False
+                    ),
+                ),
+            ):
+                rate, per_cpu = timed(fn)
+                best = results.get(name, (0.0, 0.0))
+                results[name] = (max(best[0], rate), max(best[1], per_cpu))
+        print(f"{'step':<40} {'images/s':>10} {'per core':>10}")
+        for name, (rate, per_cpu) in results.items():
+            print(f"{name:<40} {rate:>10.0f} {per_cpu:>10.0f}")
+        (ref, _), (ours, _) = results.values()
+        shard_mb = sum(p.stat().st_size for p in (Path(tmp) / "out0").glob("*.tar")) / 1e6
+        print(f"shards: {shard_mb:.1f} MB for {mb:.1f} MB of source JPEGs")
+        print(f"build: {ours / ref:.2f}x the decode-only reference")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mimae-bench", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("data", help="input pipeline images/s per backend vs a plain webdataset+PIL reference")
+    d.add_argument("--shards", help="shard set dir or tar pattern (default: generate demo images)")
+    d.add_argument("--images", type=int, default=600, help="images to generate when --shards is not given")
+    d.add_argument("--image-side", type=int, default=320, help="side of generated images (ImageNet-like: 320)")
+    d.add_argument("--backends", default="dali,webdataset")
+    d.add_argument("--img-size", type=int, default=224, help="training crop size")
+    d.add_argument("--batch", type=int, default=64)
+    d.add_argument("--threads", type=int, default=2, help="data.num_threads for the backends")
+    d.add_argument("--shuffle-buffer", type=int, default=256)
+    d.add_argument("--batches", type=int, default=20, help="timed batches per pipeline")
+    d.add_argument("--warmup", type=int, default=2)
+    d.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is shown")
+    d.add_argument("--cpu", action="store_true", help="CPU-only even when a GPU is present")
+    d.set_defaults(func=cmd_data)
+
+    s = sub.add_parser("shards", help="mimae-shards build images/s vs reading + decoding the same files")
+    s.add_argument("--images", type=int, default=600)
+    s.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is shown")
+    s.set_defaults(func=cmd_shards)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

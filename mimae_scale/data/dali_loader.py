@@ -1,0 +1,292 @@
+"""The DALI input pipeline: WebDataset shards -> decoded, augmented, normalised CHW batches.
+
+Reader: ``fn.readers.webdataset`` on the shard set's DALI index files, this rank's share of the
+samples (``shard_id=rank``, ``num_shards=world_size``), a shuffle window of ``data.shuffle_buffer``
+samples (``random_shuffle``/``initial_fill``) and ``pad_last_batch`` so that every rank runs the
+same number of full batches.
+
+A new shard order every epoch: each epoch gets its own pipeline whose tar list is permuted with
+(``seed``, epoch), the same permutation on every rank (the webdataset backend uses the same one).
+We do not use the reader's ``shuffle_after_epoch``: DALI documents that with checkpointing on it
+"might shuffle samples differently", and resume must be exact. One pipeline per epoch also makes an
+epoch's state self-contained: (epoch, DALI checkpoint of that epoch's pipeline).
+
+Exactly once per epoch: the N usable samples of the epoch's order are split into ``world_size``
+contiguous shares of floor/ceil(N / W) samples; every rank runs ``steps_per_epoch =
+ceil(ceil(N / W) / B)`` batches of B = ``train.micro_batch``; the tail of a rank's last batch
+repeats a sample and is marked ``batch["valid"] == False``. Over one epoch the valid rows of all
+ranks are every usable sample exactly once.
+
+Decoding runs on the GPU (``device="mixed"``, hardware decoder share ``data.hw_decoder_load``)
+when the loader's device is CUDA, else the whole pipeline is CPU-only (``device_id=None``).
+
+Resume: DALI's pipeline checkpointing (reader position, shuffle window and every random
+generator) taken through the iterator, so batches prefetched but not consumed are not lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import Any
+
+import torch
+
+from mimae_scale.config import Config
+from mimae_scale.data.common import EVAL_CROP_FRACTION, tar_order, training_dtype
+from mimae_scale.data.shardset import ShardSet, padded_steps, resolve_shards, shard_sizes, valid_mask
+
+log = logging.getLogger(__name__)
+READER = "Reader"
+LABEL_BYTES = 12  # ASCII class index, zero padded on the right by fn.pad
+
+
+def labels_from_ascii(padded: torch.Tensor) -> torch.Tensor:
+    """(B, L) uint8 ASCII digits, zero padded on the right -> (B,) int64. Trailing whitespace
+    (``"7\\n"``, as some writers store ``.cls``) is ignored."""
+    digits = padded.to(torch.int64)
+    is_digit = (digits >= 48) & (digits <= 57)
+    length = is_digit.sum(dim=1, keepdim=True)
+    place = length - 1 - torch.arange(digits.shape[1], device=digits.device).unsqueeze(0)  # power of ten per column
+    weights = torch.where(is_digit, torch.pow(10, place.clamp(min=0)), 0)
+    return ((digits - 48).clamp(min=0) * weights).sum(dim=1)
+
+
+def _pipeline_seed(cfg: Config, rank: int, epoch: int) -> int:
+    # Different augmentations per rank and per epoch, reproducible per (seed, rank, epoch).
+    return zlib.crc32(f"{cfg.seed}-{rank}-{epoch}".encode()) & 0x7FFFFFFF
+
+
+def _build_pipeline(
+    cfg: Config,
+    tars: list[str],
+    indexes: list[str],
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    checkpoint: str | None,
+):
+    from nvidia.dali import fn, pipeline_def, types
+
+    d, size = cfg.data, cfg.model.img_size
+    gpu = device.type == "cuda"
+    decode_device = "mixed" if gpu else "cpu"
+    decoder_args = {"hw_decoder_load": d.hw_decoder_load} if gpu else {}
+
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=d.num_threads,
+        device_id=(device.index if device.index is not None else torch.cuda.current_device()) if gpu else None,
+        seed=seed,
+        enable_checkpointing=True,
+    )
+    def pipe():
+        jpegs, cls = fn.readers.webdataset(
+            paths=tars,
+            index_paths=indexes,
+            ext=["jpg", "cls"],
+            missing_component_behavior="skip",  # counted in skipped_samples, named by verify
+            shard_id=rank,
+            num_shards=world_size,
+            random_shuffle=train,
+            initial_fill=d.shuffle_buffer,
+            stick_to_shard=True,  # eval passes re-read this rank's share; train builds a pipeline per epoch
+            pad_last_batch=True,
+            name=READER,
+        )
+        mean = [255 * m for m in d.mean]
+        std = [255 * s for s in d.std]
+        if train:
+            images = fn.decoders.image_random_crop(
+                jpegs,
+                device=decode_device,
+                output_type=types.RGB,
+                random_area=list(d.crop_scale),
+                random_aspect_ratio=list(d.crop_ratio),
+                num_attempts=10,
+                **decoder_args,
+            )
+            images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC)
+            mirror = fn.random.coin_flip(probability=0.5) if d.hflip else 0
+            images = fn.crop_mirror_normalize(
+                images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std, mirror=mirror
+            )
+        else:
+            images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, **decoder_args)
+            images = fn.resize(images, resize_shorter=round(size / EVAL_CROP_FRACTION), interp_type=types.INTERP_CUBIC)
+            images = fn.crop_mirror_normalize(
+                images, dtype=types.FLOAT, output_layout="CHW", crop=(size, size), mean=mean, std=std
+            )
+        labels = fn.pad(cls, fill_value=0, shape=[LABEL_BYTES])
+        return images, labels
+
+    p = pipe(checkpoint=checkpoint)
+    p.build()
+    return p
+
+
+class DaliLoader:
+    """One rank's loader (train: augmented, a new order every epoch; eval: deterministic, fixed order)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        shards: ShardSet,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        *,
+        batch_size: int,
+        train: bool,
+    ) -> None:
+        self.cfg, self.shards, self.rank, self.world_size = cfg, shards, rank, world_size
+        self.device, self.batch_size, self.train = device, batch_size, train
+        self.dtype = training_dtype(cfg, device) if train else torch.float32
+        self.num_samples = shards.num_samples
+        self.steps_per_epoch = padded_steps(self.num_samples, world_size, batch_size)
+        self.skipped_samples = shards.skipped  # samples without jpg/cls in the indexes: never read
+        if shards.skipped:
+            log.warning("%d samples lack a .jpg or .cls component and are skipped", shards.skipped)
+        self._real_in_share = shard_sizes(self.num_samples, world_size)[rank]
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self._iterator = None  # the current epoch's DALI iterator
+        self._resume_from: str | None = None  # DALI checkpoint for the next pipeline built
+        self._restart_point: tuple[int, str | None] = (0, None)  # (batch, checkpoint) within this epoch
+        self.pipeline_restarts = 0  # DALI failures survived by restarting from a checkpoint
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def _dali_iterator(self):
+        if self._iterator is None:
+            from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+            order = tar_order(self.cfg.seed, self.epoch, len(self.shards.tars)) if self.train else None
+            tars = [self.shards.tars[i] for i in order] if order else self.shards.tars
+            indexes = [self.shards.indexes[i] for i in order] if order else self.shards.indexes
+            pipe = _build_pipeline(
+                self.cfg,
+                tars,
+                indexes,
+                self.rank,
+                self.world_size,
+                self.device,
+                self.batch_size,
+                self.train,
+                _pipeline_seed(self.cfg, self.rank, self.epoch),
+                self._resume_from,
+            )
+            epoch_size = pipe.reader_meta(READER)["epoch_size"]
+            if epoch_size != self.num_samples:
+                raise RuntimeError(f"DALI reads {epoch_size} samples, the index files list {self.num_samples} usable")
+            self._iterator = DALIGenericIterator(
+                pipe,
+                ["images", "labels"],
+                reader_name=READER,
+                last_batch_policy=LastBatchPolicy.FILL,
+                auto_reset=False,
+                prepare_first_batch=False,  # decode errors surface in next(), where restarts handle them
+            )
+            self._resume_from = None
+        return self._iterator
+
+    def _start_next_pass(self) -> None:
+        self.batch_in_epoch = 0
+        self._restart_point = (0, None)
+        if self.train:  # a new pipeline with the next epoch's order
+            self.epoch += 1
+            self._iterator = None
+        else:  # eval: the same pipeline reads the same share again
+            self._dali_iterator().reset()
+
+    def _restart(self) -> None:
+        """Rebuild this epoch's pipeline from the last checkpoint and replay up to the current batch."""
+        batch, checkpoint = self._restart_point
+        self._iterator, self._resume_from = None, checkpoint
+        it = self._dali_iterator()
+        for _ in range(self.batch_in_epoch - batch):
+            next(it)
+        self.pipeline_restarts += 1
+
+    def _next_batch(self):
+        try:
+            return next(self._dali_iterator())[0]
+        except StopIteration:
+            raise RuntimeError(
+                f"DALI ended the epoch after {self.batch_in_epoch} of {self.steps_per_epoch} batches"
+            ) from None
+        except RuntimeError as first:
+            where = f"rank {self.rank}, epoch {self.epoch}, batch {self.batch_in_epoch}"
+            log.warning("DALI pipeline failed at %s (%s); restarting it from its checkpoint", where, first)
+        try:  # A transient failure (I/O) passes on a restart; a bad sample fails again, same place.
+            self._restart()
+            return next(self._dali_iterator())[0]
+        except RuntimeError as second:
+            raise RuntimeError(
+                f"DALI pipeline failed twice at {where}: {second}. A sample that does not decode: run "
+                "`mimae-shards verify` on the shard set and rebuild the damaged shards"
+            ) from second
+
+    def __iter__(self):
+        if self.batch_in_epoch >= self.steps_per_epoch:
+            self._start_next_pass()
+        while self.batch_in_epoch < self.steps_per_epoch:
+            out = self._next_batch()
+            valid = torch.tensor(valid_mask(self._real_in_share, self.batch_in_epoch, self.batch_size))
+            self.batch_in_epoch += 1
+            yield {
+                "images": out["images"].to(self.device, self.dtype, non_blocking=True),
+                "labels": labels_from_ascii(out["labels"]).to(self.device, non_blocking=True),
+                "valid": valid.to(self.device, non_blocking=True),
+            }
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"backend": "dali", "epoch", "batch_in_epoch" (batches consumed in that epoch), "rank",
+        "world_size", "num_samples", "pipeline": DALI checkpoint string of the epoch's pipeline (None
+        at an epoch's start or end)}; plain types, safe for ``torch.load(weights_only=True)``."""
+        at_edge = self.batch_in_epoch in (0, self.steps_per_epoch) or self._iterator is None
+        pipeline = self._resume_from if at_edge else self._iterator.checkpoints()[0]
+        if not at_edge:
+            self._restart_point = (self.batch_in_epoch, pipeline)  # a later restart replays less
+        return {
+            "backend": "dali",
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_samples": self.num_samples,
+            "pipeline": pipeline,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("backend") != "dali":
+            raise ValueError(f"data loader state is from backend {state.get('backend')!r}, this is 'dali'")
+        for key in ("rank", "world_size", "num_samples"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"data loader state was saved with {key}={state[key]}, this run has {getattr(self, key)}: "
+                    "DALI's reader state is per rank share; resume with the same ranks and shards"
+                )
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self._iterator = None  # rebuilt from the checkpoint on the next iter()
+        self._resume_from = state["pipeline"]
+        self._restart_point = (self.batch_in_epoch, self._resume_from)
+
+
+def build_dali_loader(
+    cfg: Config,
+    spec: str,
+    field: str,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    *,
+    batch_size: int,
+    train: bool,
+) -> DaliLoader:
+    return DaliLoader(cfg, resolve_shards(spec, field), rank, world_size, device, batch_size=batch_size, train=train)

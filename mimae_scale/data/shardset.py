@@ -1,0 +1,95 @@
+"""Which tar shards a run reads, how many usable samples they hold, and how ranks split them.
+
+``data.train_shards`` / ``data.val_shards`` name a shard set directory (with ``manifest.json``,
+as written by ``mimae-shards build`` or ``demo``) or a brace pattern of tar files
+(``/data/train-{000000..001281}.tar``, e.g. shards written by ``webdataset.ShardWriter``). Every
+tar needs its DALI index file beside it (``x.tar`` -> ``x.idx``); ``mimae-shards index`` writes
+them for foreign shards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+
+from mimae_scale.data_tools.index import index_path_for
+
+REQUIRED_COMPONENTS = ("jpg", "cls")
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    tars: list[str]
+    indexes: list[str]
+    counts: list[int]  # usable samples per tar (having every required component)
+    skipped: int  # samples in the indexes without a jpg or cls: readers skip them, metrics count them
+    classes: list[str] | None  # from the manifest, when there is one
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+
+def _count_usable(idx_path: Path) -> tuple[int, int]:
+    lines = idx_path.read_text().splitlines()
+    usable = sum(1 for line in lines[1:] if all(e in line.split()[0::4] for e in REQUIRED_COMPONENTS))
+    return usable, len(lines) - 1 - usable
+
+
+def resolve_shards(spec: str, field: str = "data.train_shards") -> ShardSet:
+    """The tars, index files and usable-sample counts named by ``spec``; clear errors otherwise."""
+    if not spec:
+        raise ValueError(f"{field} is empty: point it at a shard set directory (mimae-shards build/demo)")
+    root = Path(spec)
+    classes = None
+    if root.is_dir():
+        manifest_path = root / "manifest.json"
+        if manifest_path.exists():
+            manifest = json.loads(manifest_path.read_text())
+            tars = [str(root / s["name"]) for s in manifest["shards"]]
+            classes = list(manifest["classes"])
+        else:
+            tars = sorted(str(p) for p in root.glob("*.tar"))
+    else:
+        tars = list(braceexpand.braceexpand(spec))
+    if not tars:
+        raise ValueError(f"{field}={spec!r}: no tar shards found")
+    missing = [t for t in tars if not Path(t).exists()]
+    if missing:
+        raise FileNotFoundError(f"{field}={spec!r}: missing shard {missing[0]} ({len(missing)} missing)")
+    indexes = [str(index_path_for(t)) for t in tars]
+    no_index = [i for i in indexes if not Path(i).exists()]
+    if no_index:
+        raise FileNotFoundError(
+            f"{field}={spec!r}: missing DALI index {no_index[0]} ({len(no_index)} missing); "
+            "write them with `mimae-shards index TAR...`"
+        )
+    counts, skipped = [], 0
+    for idx in indexes:
+        usable, bad = _count_usable(Path(idx))
+        counts.append(usable)
+        skipped += bad
+    if sum(counts) == 0:
+        raise ValueError(f"{field}={spec!r}: no usable samples (each needs .jpg and .cls)")
+    return ShardSet(tars, indexes, counts, skipped, classes)
+
+
+def shard_sizes(num_samples: int, world_size: int) -> list[int]:
+    """Samples per rank shard, as DALI's readers split a dataset: [floor(N*i/W), floor(N*(i+1)/W))."""
+    bounds = [num_samples * i // world_size for i in range(world_size + 1)]
+    return [bounds[i + 1] - bounds[i] for i in range(world_size)]
+
+
+def padded_steps(num_samples: int, world_size: int, batch_size: int) -> int:
+    """Batches per epoch on every rank: the largest rank shard, rounded up to whole batches."""
+    return math.ceil(math.ceil(num_samples / world_size) / batch_size)
+
+
+def valid_mask(real_in_shard: int, batch_in_epoch: int, batch_size: int) -> list[bool]:
+    """Which rows of a batch are real samples; the rest repeat the shard's last sample (padding)."""
+    real = min(max(real_in_shard - batch_in_epoch * batch_size, 0), batch_size)
+    return [True] * real + [False] * (batch_size - real)

@@ -1,0 +1,261 @@
+"""The fallback input pipeline without DALI: the webdataset library reads the tars, PIL decodes.
+
+Same batches as the DALI backend (random-resized crop with ``data.crop_scale``/``crop_ratio``,
+bicubic resize to ``model.img_size``, horizontal flip, mean/std normalisation, CHW; ``valid``
+marks padding rows) and the same epoch arithmetic: every epoch the tar order is permuted with
+(``seed``, epoch), identically on every rank; rank r reads the r-th contiguous share of that order
+through a shuffle window of ``data.shuffle_buffer`` samples; the last batch is padded.
+
+Everything random is a pure function of (seed, epoch, rank, position): the shuffle window draws
+from a generator seeded per (epoch, rank) and each sample's crop/flip from one seeded by its
+position in the epoch. Resuming mid-epoch therefore replays the epoch's sample stream up to the
+saved position without decoding (tar reads only) and continues bit-identically.
+
+Decoding and augmentation run in a thread pool of ``data.num_threads`` (PIL releases the GIL).
+An image that does not decode becomes a padding row (``valid`` False), is counted in
+``skipped_samples`` and logged with its key; training goes on.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import math
+import random
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from mimae_scale.config import Config
+from mimae_scale.data.common import EVAL_CROP_FRACTION, tar_order, training_dtype
+from mimae_scale.data.shardset import ShardSet, padded_steps, resolve_shards, shard_sizes
+
+log = logging.getLogger(__name__)
+
+
+def random_resized_crop_box(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: random.Random
+) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom): torchvision's RandomResizedCrop sampling, with our own generator."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = rng.randint(0, width - w)
+            top = rng.randint(0, height - h)
+            return left, top, left + w, top + h
+    # Fallback: the largest centre crop within the ratio range.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+class WdsLoader:
+    """One rank's loader on the webdataset library (train: augmented and reshuffled; eval: fixed)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        shards: ShardSet,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        *,
+        batch_size: int,
+        train: bool,
+    ) -> None:
+        self.cfg, self.shards, self.rank, self.world_size = cfg, shards, rank, world_size
+        self.device, self.batch_size, self.train = device, batch_size, train
+        self.dtype = training_dtype(cfg, device) if train else torch.float32
+        self.num_samples = shards.num_samples
+        self.steps_per_epoch = padded_steps(self.num_samples, world_size, batch_size)
+        self.skipped_samples = shards.skipped
+        if shards.skipped:
+            log.warning("%d samples lack a .jpg or .cls component and are skipped", shards.skipped)
+        self._share_sizes = shard_sizes(self.num_samples, world_size)
+        self._pool = ThreadPoolExecutor(max_workers=cfg.data.num_threads)
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1) * 255
+        std = torch.tensor(cfg.data.std).view(1, 3, 1, 1) * 255
+        self._mean, self._std = mean, std
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    # -- the sample stream ------------------------------------------------------------------
+    def _share_stream(self) -> Iterator[dict[str, Any]]:
+        """This rank's contiguous share of the epoch's sample order (raw bytes, not decoded)."""
+        order = tar_order(self.cfg.seed, self.epoch, len(self.shards.tars)) if self.train else None
+        order = order or list(range(len(self.shards.tars)))
+        start = sum(self._share_sizes[: self.rank])
+        count = self._share_sizes[self.rank]
+        if count == 0:
+            return
+        urls, pos, skip = [], 0, 0
+        for i in order:
+            n = self.shards.counts[i]
+            if pos + n <= start:  # the whole tar lies before this rank's share
+                pos += n
+                continue
+            if not urls:
+                skip = start - pos
+            urls.append(self.shards.tars[i])
+            pos += n
+            if pos >= start + count:
+                break
+        pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+        taken = 0
+        for sample in pipeline:
+            if "jpg" not in sample or "cls" not in sample:
+                continue  # counted in shards.skipped
+            if skip:
+                skip -= 1
+                continue
+            yield sample
+            taken += 1
+            if taken == count:
+                return
+
+    def _shuffled(self, stream: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        if not self.train:
+            yield from stream
+            return
+        rng = random.Random(f"{self.cfg.seed}-window-{self.epoch}-{self.rank}")
+        buffer: list[dict[str, Any]] = []
+        for sample in stream:
+            buffer.append(sample)
+            if len(buffer) >= self.cfg.data.shuffle_buffer:
+                j = rng.randrange(len(buffer))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                yield buffer.pop()
+        while buffer:
+            j = rng.randrange(len(buffer))
+            buffer[j], buffer[-1] = buffer[-1], buffer[j]
+            yield buffer.pop()
+
+    # -- decoding -----------------------------------------------------------------------------
+    def _decode(self, sample: dict[str, Any], position: int) -> np.ndarray | None:
+        size = self.cfg.model.img_size
+        try:
+            img = Image.open(io.BytesIO(sample["jpg"]))
+            img = img.convert("RGB")
+        except Exception as e:  # any decoder failure: count and pad, never kill the run
+            log.warning("skipping undecodable sample %s (%s): %s", sample.get("__key__"), sample.get("__url__"), e)
+            return None
+        if self.train:
+            rng = random.Random(f"{self.cfg.seed}-aug-{self.epoch}-{self.rank}-{position}")
+            d = self.cfg.data
+            box = random_resized_crop_box(img.width, img.height, d.crop_scale, d.crop_ratio, rng)
+            img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+            if self.cfg.data.hflip and rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        else:
+            short = round(size / EVAL_CROP_FRACTION)
+            scale = short / min(img.width, img.height)
+            w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+            img = img.resize((w, h), Image.Resampling.BICUBIC)
+            # DALI's centre-crop anchor: roundf(0.5 * spare), halves rounded up.
+            left, top = math.floor((w - size) / 2 + 0.5), math.floor((h - size) / 2 + 0.5)
+            img = img.crop((left, top, left + size, top + size))
+        return np.asarray(img)
+
+    def _batch(self, samples: list[dict[str, Any]], first_position: int, real: int) -> dict[str, torch.Tensor]:
+        arrays = list(self._pool.map(self._decode, samples, range(first_position, first_position + len(samples))))
+        valid = [a is not None and i < real for i, a in enumerate(arrays)]
+        bad = sum(a is None for a in arrays[:real])
+        self.skipped_samples += bad
+        fill = next((a for a in arrays if a is not None), None)
+        size = self.cfg.model.img_size
+        if fill is None:
+            fill = np.zeros((size, size, 3), np.uint8)
+        images = torch.from_numpy(np.stack([a if a is not None else fill for a in arrays]))
+        images = (images.permute(0, 3, 1, 2).float() - self._mean) / self._std
+        labels = torch.tensor([int(s["cls"]) for s in samples], dtype=torch.int64)
+        return {
+            "images": images.to(self.device, self.dtype, non_blocking=True),
+            "labels": labels.to(self.device, non_blocking=True),
+            "valid": torch.tensor(valid).to(self.device, non_blocking=True),
+        }
+
+    def __iter__(self):
+        if self.batch_in_epoch >= self.steps_per_epoch:  # restored at an epoch's very end
+            self._finish_epoch()
+        stream = self._shuffled(self._share_stream())
+        real_total = self._share_sizes[self.rank]
+        consumed = self.batch_in_epoch * self.batch_size
+        for _ in range(min(consumed, real_total)):  # resume: replay without decoding
+            next(stream)
+        last = None
+        while self.batch_in_epoch < self.steps_per_epoch:
+            first = self.batch_in_epoch * self.batch_size
+            samples = list(itertools.islice(stream, self.batch_size))
+            real = len(samples)
+            if samples:
+                last = samples[-1]
+            if last is None:  # an empty share (more ranks than samples): nothing to repeat
+                raise ValueError(
+                    f"rank {self.rank} has no samples: {self.num_samples} samples for {self.world_size} ranks"
+                )
+            samples += [last] * (self.batch_size - real)
+            batch = self._batch(samples, first, real)
+            self.batch_in_epoch += 1
+            yield batch
+        self._finish_epoch()
+
+    def _finish_epoch(self) -> None:
+        self.batch_in_epoch = 0
+        if self.train:
+            self.epoch += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "backend": "webdataset",
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_samples": self.num_samples,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("backend") != "webdataset":
+            raise ValueError(f"data loader state is from backend {state.get('backend')!r}, this is 'webdataset'")
+        for key in ("world_size", "num_samples"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"data loader state was saved with {key}={state[key]}, this run has "
+                    f"{getattr(self, key)}; resume with the same world size and shards"
+                )
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+
+
+def build_wds_loader(
+    cfg: Config,
+    spec: str,
+    field: str,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    *,
+    batch_size: int,
+    train: bool,
+) -> WdsLoader:
+    return WdsLoader(cfg, resolve_shards(spec, field), rank, world_size, device, batch_size=batch_size, train=train)
