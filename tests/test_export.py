@@ -8,67 +8,23 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
+import deepspeed
 import pytest
 import torch
-import torch.distributed as dist
+from ds_helpers import single_process_group, train_and_save
 
 from mimae_scale.config import load_config
 from mimae_scale.evaluation import export as export_mod
 from mimae_scale.evaluation.checkpoint import CheckpointError, load_checkpoint, load_model
-from mimae_scale.model import MIMAE
-
-deepspeed = pytest.importorskip("deepspeed")
-
-
-class LossOnlyMIMAE(MIMAE):
-    """ZeRO-3 re-gathers root-level parameters (cls_token, mask_token) for backward only when the
-    forward returns tensors it can see; the dataclass MIMAEOutput hides them."""
-
-    def forward(self, imgs, generator=None):
-        return super().forward(imgs, generator).loss
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mimae_scale.model import MIMAE, build_model
 
 
 @pytest.fixture(scope="module")
 def process_group():
-    created = not dist.is_initialized()
-    if created:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0")
-        deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    if created:
-        dist.destroy_process_group()
-
-
-def _train_and_save(run_dir: Path, config: str, stage: int, overrides: list[str], seed: int) -> dict:
-    """One SGD step under ZeRO ``stage``; returns the engine's weights after the step (gathered)."""
-    cfg = load_config(config, [f"run_dir={run_dir}", f"engine.zero_stage={stage}", *overrides])
-    torch.manual_seed(seed)
-    model = LossOnlyMIMAE(cfg)
-    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-                 "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
-                 "zero_allow_untested_optimizer": True}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
-                                      optimizer=lambda params: torch.optim.SGD(params, lr=0.05))
-    size = cfg.model.img_size
-    imgs = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    engine.backward(engine(imgs))
-    engine.step()
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):  # no-op below ZeRO-3
-        trained = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
-    engine.save_checkpoint(str(run_dir / "checkpoints"), tag="global_step1", client_state={"config": cfg.to_dict()})
-    del engine
-    return {"initial": initial, "trained": trained, "cfg": cfg}
+    with single_process_group():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +36,7 @@ def checkpoints(tmp_path_factory, process_group):
     plans = {0: "tiny", 1: "mimae_vit_b16", 2: "tiny", 3: "mimae_vit_b16"}
     out = {}
     for stage, config in plans.items():
-        run_dir = root / f"zero{stage}"
-        out[stage] = _train_and_save(run_dir, config, stage, [], seed + stage)
-        out[stage]["folder"] = run_dir / "checkpoints" / "global_step1"
+        out[stage] = train_and_save(root / f"zero{stage}", config, stage, seed + stage)
     return out
 
 
@@ -218,7 +172,7 @@ def test_online_knn_reads_a_zero3_engine(process_group, gen, seed):
 
     cfg = load_config("tiny", ["engine.zero_stage=3", "data.val_shards=/unused", "eval.knn_every_epochs=1"])
     torch.manual_seed(seed)
-    model = LossOnlyMIMAE(cfg)
+    model = build_model(cfg)
     plain = MIMAE(cfg)
     plain.load_state_dict(model.state_dict())
     ds_config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},

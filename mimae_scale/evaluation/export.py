@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="config name or YAML path (default: the one stored with the checkpoint)")
     args = parser.parse_args(argv)
     try:
-        summary = export(args.checkpoint, args.out, args.format, args.config)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout; stdout is the JSON summary
+            summary = export(args.checkpoint, args.out, args.format, args.config)
     except (CheckpointError, ValueError) as exc:
         print(f"mimae-export: {exc}", file=sys.stderr)
         return 2
