@@ -98,8 +98,8 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="generate the demo dataset: OUT/train and OUT/val shard sets")
     d.add_argument("out", type=Path)
-    d.add_argument("--train-per-class", type=int, default=500)
-    d.add_argument("--val-per-class", type=int, default=100)
+    d.add_argument("--train-per-class", type=int, default=200, help="train images per class (default 200)")
+    d.add_argument("--val-per-class", type=int, default=100, help="held-out images per class (default 100)")
     d.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     d.add_argument("--shard-size", type=int, default=1000)
     d.add_argument("--seed", type=int, default=0)

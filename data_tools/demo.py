@@ -128,7 +128,7 @@ def _samples(split: str, per_class: int, size: int, seed: int) -> list[Sample]:
 def write_demo(
     out_dir: Path,
     *,
-    train_per_class: int = 500,
+    train_per_class: int = 200,
     val_per_class: int = 100,
     size: int = 64,
     shard_size: int = 1000,

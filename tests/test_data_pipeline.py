@@ -207,6 +207,11 @@ def test_webdataset_backend_pads_and_counts_undecodable_samples(tmp_path: Path, 
     labels, _ = _epoch(ld)
     assert sorted(labels) == [0, 1, 2, 3, 5, 6, 7, 8, 9]
     assert ld.skipped_samples == 1
+    resumed = build_train_loader(_cfg("webdataset", tmp_path / "bad-000000.tar"), 0, 1, CPU)
+    resumed.load_state_dict(ld.state_dict())
+    assert resumed.skipped_samples == 1  # the counter survives a restart
+    _epoch(resumed)
+    assert resumed.skipped_samples == 2
 
 
 def test_our_shards_read_by_webdataset_library(id_shards: Path) -> None:

@@ -232,6 +232,7 @@ class WdsLoader:
             "rank": self.rank,
             "world_size": self.world_size,
             "num_samples": self.num_samples,
+            "skipped_samples": self.skipped_samples,  # the counter goes on across restarts
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -245,6 +246,7 @@ class WdsLoader:
                 )
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.skipped_samples = int(state["skipped_samples"])
 
 
 def build_wds_loader(
