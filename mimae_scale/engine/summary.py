@@ -1,0 +1,60 @@
+"""``python -m mimae_scale.engine.summary RUN_DIR``: what a run did and where its files are."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from mimae_scale.engine.checkpoint import CheckpointManager
+
+
+def summarize(run_dir: Path) -> str:
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    latest = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        latest[record["step"]] = record  # a resumed run repeats steps: the last record counts
+    steps = [latest[s] for s in sorted(latest)]
+    first, last = steps[0], steps[-1]
+    complete = CheckpointManager(run_dir / "checkpoints", rank=0, keep_last=1).complete()
+    world = ds["train_batch_size"] // (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"])
+    finite = [r for r in steps if r["loss"] is not None]
+    picks = sorted({round(i * (len(finite) - 1) / 9) for i in range(10)}) if finite else []
+    curve = "  ".join(f"{finite[i]['step']}: {finite[i]['loss']:.2f}/{finite[i]['loss_rec']:.3f}" for i in picks)
+    lines = [
+        "",
+        "=" * 100,
+        f"MI-MAE {cfg['model']['img_size']} px / patch {cfg['model']['patch_size']}, K={cfg['mask']['num_masks']} "
+        f"masks, trained by DeepSpeed ZeRO-{ds['zero_optimization']['stage']} on {world} ranks "
+        f"({'bf16' if ds['bf16']['enabled'] else 'fp32'}), data backend {cfg['data']['backend']} "
+        f"({cfg['data']['train_shards'] or 'generated'})",
+        f"steps {first['step']}..{last['step']} (epoch {last['epoch']:.2f}), {last['samples']} images, "
+        f"{last['images_per_s']:.1f} img/s at the end, skipped steps {last['skipped_steps']}",
+        f"loss {first['loss']:.4f} -> {last['loss']:.4f} (reconstruction {first['loss_rec']:.4f} -> "
+        f"{last['loss_rec']:.4f})",
+        f"loss/reconstruction by step: {curve}",
+        f"run directory  {run_dir.resolve()}",
+        f"  config.yaml, ds_config.json  the resolved settings; train.log  the log; metrics.jsonl  {len(steps)} "
+        "log steps",
+        f"  checkpoints/   {', '.join(c.tag for c in complete) or 'none'} (latest -> "
+        f"{complete[-1].tag if complete else 'none'})",
+        "=" * 100,
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m mimae_scale.engine.summary RUN_DIR", file=sys.stderr)
+        return 2
+    print(summarize(Path(args[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

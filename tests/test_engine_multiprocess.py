@@ -1,0 +1,226 @@
+"""Real training under the deepspeed launcher: 2 CPU ranks over gloo, ZeRO 0-3, faults and resumes.
+
+Every test starts the real entry point (``deepspeed --num_gpus 2 mimae_scale/train.py``, or the
+stage-sweep driver) in its own session, so a test can SIGKILL a whole job the way a dead node
+does. The launcher passes a rank's exit status through, which is what a requeueing script sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from mimae_scale.engine.checkpoint import MARKER
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 420
+# 2 ranks x 16 images per step over 240 demo images: 8 optimiser steps per epoch (the last one
+# padded), so checkpoints every 4 or 5 steps land mid-epoch
+TRAIN = ["train.global_batch=32", "train.micro_batch=16", "checkpoint.every_minutes=600"]
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> list[str]:
+    """The embedded demo dataset (24 images per class), read by the DALI CPU pipeline."""
+    out = tmp_path_factory.mktemp("demo_shards")
+    shards = Path(sys.executable).parent / "mimae-shards"
+    subprocess.run([str(shards), "demo", str(out), "--train-per-class", "24", "--val-per-class", "2"], check=True,
+                   capture_output=True, timeout=TIMEOUT)
+    return ["data.backend=dali", f"data.train_shards={out / 'train'}", *TRAIN]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Job:
+    """One launcher run; its console output goes to a file (a pipe could fill and stall it)."""
+
+    def __init__(self, script: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+               "--master_port", str(_free_port()), script, *args]
+        self.log = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+    def wait(self) -> int:
+        try:
+            return self.proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            pytest.fail(f"job did not finish in {TIMEOUT} s; output:\n{self.output[-4000:]}")
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def rank_process(self, rank: int) -> psutil.Process:
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            if child.environ().get("RANK") == str(rank) and "train.py" in " ".join(child.cmdline()):
+                return child
+        raise AssertionError(f"rank {rank} not found")
+
+    def wait_for_step(self, run_dir: Path, step: int, after: int = 0) -> None:
+        """Block until metrics.jsonl holds a record of ``step`` or later, written after line ``after``."""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"job ended (status {self.proc.returncode}) before step {step}:\n{self.output[-4000:]}")
+            if any(r["step"] >= step for r in records(run_dir)[after:]):
+                return
+            time.sleep(0.05)
+        pytest.fail(f"no step {step} within {TIMEOUT} s")
+
+
+def train(run_dir: Path, overrides: list[str], log: Path, env: dict[str, str] | None = None) -> Job:
+    return Job("mimae_scale/train.py", ["--config", "tiny", f"run_dir={run_dir}", *overrides], log, env)
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("_")[1]) for p in (run_dir / "checkpoints").glob(f"step_*/{MARKER}"))
+
+
+def test_zero_stages_0_to_3_train_and_agree(tmp_path, demo_data):
+    """2 ranks, one short run per ZeRO stage: the loss falls, and all stages compute the same numbers
+    (ZeRO partitions the optimiser state, gradients and weights; it must not change the math).
+
+    "Falls" is asserted for the reconstruction and InfoNCE terms: the total also holds L_q, the
+    CLUB approximation network's likelihood, which rises while L_min makes the latents less
+    predictive of the pixels (the two play against each other), so early on the sum need not fall."""
+    settings = ["train.max_steps=10", "train.log_every=5", "checkpoint.every_steps=5", "optim.base_lr=3e-3",
+                "optim.warmup_epochs=0.25"]
+    sweep = [str(tmp_path), "0,1,2,3", *demo_data, *settings]
+    job = Job("tests/engine_runs/stage_sweep.py", sweep, tmp_path / "sweep.log")
+    assert job.wait() == 0, job.output[-4000:]
+    by_stage = {stage: records(tmp_path / f"zero{stage}") for stage in range(4)}
+    for stage, recs in by_stage.items():
+        assert [r["step"] for r in recs] == [5, 10], stage
+        first, last = recs
+        assert last["loss_rec"] < 0.95 * first["loss_rec"], (stage, first["loss_rec"], last["loss_rec"])
+        assert last["loss_max"] < 0.97 * first["loss_max"], (stage, first["loss_max"], last["loss_max"])
+        assert last["skipped_steps"] == 0 and last["images_per_s"] > 0 and last["data_wait_s"] >= 0
+        assert complete_steps(tmp_path / f"zero{stage}") == [5, 10]
+        for rec, ref in zip(recs, by_stage[0], strict=True):
+            for key in ("loss", "loss_rec", "loss_max", "loss_min", "loss_q", "grad_norm", "lr"):
+                assert rec[key] == pytest.approx(ref[key], rel=1e-4), (stage, rec["step"], key)
+
+
+def test_nan_skipped_on_all_ranks_then_stop_then_sigusr2_requeue_and_resume(tmp_path, demo_data):
+    run = tmp_path / "run"
+    settings = [*demo_data, "train.max_steps=16", "train.log_every=1", "checkpoint.every_steps=4",
+                "train.max_consecutive_skips=3"]
+
+    # 1. NaN on rank 1 only, at step 3 (one skip) and steps 6-8 (three in a row: stop with status 3)
+    job = train(run, settings, tmp_path / "nan.log", {"MIMAE_FAULT_NAN": "1:3,6,7,8"})
+    assert job.wait() == 3, job.output[-4000:]
+    by_step = {r["step"]: r for r in records(run)}  # written by rank 0, whose own loss stayed finite
+    assert by_step[2]["skipped_steps"] == 0 and by_step[3]["skipped_steps"] == 1
+    assert by_step[3]["loss"] is None and by_step[3]["grad_norm"] is None  # nothing finite to report
+    assert by_step[4]["skipped_steps"] == 1 and by_step[4]["loss"] is not None
+    assert by_step[7]["skipped_steps"] == 3 and 8 not in by_step  # 3, 6, 7; 8 stopped the run
+    for rank in (0, 1):
+        assert f"rank{rank} WARNING step 3 skipped on every rank" in job.output
+    assert "3 consecutive optimiser steps (6-8)" in job.output and "step_000000004" in job.output
+    assert complete_steps(run) == [4]
+
+    # 2. restart: resumes from step 4; SIGUSR2 to rank 1 alone stops both ranks with a checkpoint
+    job = train(run, settings, tmp_path / "usr2.log")
+    seen = len(records(run))
+    job.wait_for_step(run, 6, after=seen)
+    job.rank_process(1).send_signal(signal.SIGUSR2)
+    assert job.wait() == 75, job.output[-4000:]
+    assert "resumed from" in job.output and "step_000000004: step 4" in job.output
+    stopped = max(r["step"] for r in records(run)[seen:])
+    assert complete_steps(run)[-1] == stopped >= 6
+    assert "stopped by SIGUSR2" in job.output
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:09d}"
+
+    # 3. the requeued job resumes from the signal's checkpoint and finishes
+    job = train(run, settings, tmp_path / "resume.log")
+    assert job.wait() == 0, job.output[-4000:]
+    assert f"step_{stopped:09d}: step {stopped}" in job.output
+    assert complete_steps(run)[-1] == 16
+
+
+def test_sigkill_and_crash_during_save_resume_exactly(tmp_path, demo_data):
+    """Deterministic mode: killed runs continue from their last complete checkpoint, mid-epoch, and
+    every step's losses equal those of a run that was never interrupted."""
+    settings = [*demo_data, "deterministic=true", "train.max_steps=16", "train.log_every=1", "checkpoint.every_steps=4"]
+    ref_dir, run = tmp_path / "reference", tmp_path / "run"
+    job = train(ref_dir, settings, tmp_path / "reference.log")
+    assert job.wait() == 0, job.output[-4000:]
+    reference = {r["step"]: r for r in records(ref_dir)}
+    assert sorted(reference) == list(range(1, 17))
+
+    # 1. rank 0 is SIGKILLed while writing the checkpoint of step 8 (mid-epoch 1)
+    job = train(run, settings, tmp_path / "crash.log", {"MIMAE_FAULT_CRASH_IN_SAVE": "0:8"})
+    assert job.wait() != 0
+    assert (run / "checkpoints" / "step_000000008").is_dir()  # DeepSpeed's files were written ...
+    assert not (run / "checkpoints" / "step_000000008" / MARKER).exists()  # ... but it never completed
+    assert complete_steps(run) == [4]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000000004"
+
+    # 2. restart: the interrupted checkpoint is ignored; then the whole job is SIGKILLed from outside
+    job = train(run, settings, tmp_path / "killed.log")
+    seen = len(records(run))
+    job.wait_for_step(run, 10, after=seen)
+    os.killpg(job.proc.pid, signal.SIGKILL)
+    job.wait()
+    assert "step_000000004: step 4" in job.output
+    newest = complete_steps(run)[-1]
+    assert newest >= 8
+
+    # 3. restart again: continues from the newest complete checkpoint and finishes
+    job = train(run, settings, tmp_path / "resumed.log")
+    assert job.wait() == 0, job.output[-4000:]
+    assert f"step_{newest:09d}: step {newest}" in job.output
+
+    every = records(run)
+    assert {r["step"] for r in every} == set(range(1, 17))
+    assert len(every) > 16  # steps after each checkpoint were computed twice: all must agree
+    for rec in every:
+        ref = reference[rec["step"]]
+        for key in ("loss", "loss_rec", "loss_max", "loss_min", "loss_q", "grad_norm", "lr"):
+            assert rec[key] == ref[key], (rec["step"], key, rec[key], ref[key])
+
+
+def test_plain_process_runs_and_bad_settings_exit_2(tmp_path):
+    run = tmp_path / "single"
+    cmd = [sys.executable, "mimae_scale/train.py", "--config", "tiny", f"run_dir={run}", "data.backend=synthetic",
+           "train.steps_per_epoch=8", *TRAIN]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*cmd, "train.max_steps=2"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "launcher single, world size 1" in done.stdout
+    assert complete_steps(run) == [2] and (run / "config.yaml").exists() and (run / "ds_config.json").exists()
+
+    bad = subprocess.run([*cmd, "model.depth=0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert bad.returncode == 2 and "ConfigError: model.depth: must be positive" in bad.stderr
+
+    other = subprocess.run([*cmd, "model.depth=3"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=TIMEOUT)
+    assert other.returncode == 2, other.stdout[-3000:]
+    assert "model.depth: checkpoint 2, now 3" in other.stdout
