@@ -104,3 +104,35 @@ def test_two_ranks_equal_one(tmp_path, seed):
     assert r0["knn_samples"] == r1["knn_samples"] == 100
     assert r0["knn_top1"] == r1["knn_top1"] == pytest.approx(single["knn_top1"], abs=1e-6)
     assert r0["knn_top5"] == r1["knn_top5"] == pytest.approx(single["knn_top5"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_trainer_logs_the_monitor(tmp_path):
+    """2 CPU ranks under the deepspeed launcher, 2 epochs, monitor every epoch: each epoch's log
+    record carries the kNN of the whole held-out set (every image once over both ranks)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mimae_scale.data_tools.cli import main as shards_main
+
+    shards = tmp_path / "shards"
+    assert shards_main(["demo", str(shards), "--train-per-class", "8", "--val-per-class", "3", "--size", "32"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+           "mimae_scale/train.py", "--config", "tiny", f"run_dir={run_dir}", "train.epochs=2",
+           "train.global_batch=32", "train.micro_batch=16", "train.log_every=1", "data.backend=dali",
+           f"data.train_shards={shards / 'train'}", f"data.val_shards={shards / 'val'}", "eval.knn_every_epochs=1"]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=420,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    with_knn = [r for r in records if "knn_top1" in r]
+    assert [r["epoch"] for r in with_knn] == [1.0, 2.0]
+    for r in with_knn:
+        assert r["knn_samples"] == 30 and 0.0 <= r["knn_top1"] <= 1.0 and 0.0 <= r["knn_top5"] <= 1.0
+    assert "online kNN after epoch 2" in (run_dir / "train.log").read_text()

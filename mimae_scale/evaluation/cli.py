@@ -114,7 +114,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     probes = ("knn", "linear") if args.command == "compare" else (args.command,)
     report: dict[str, Any] = {"command": args.command, "train": str(args.train), "val": str(args.val),
                               "device": str(device), "models": {}}
-    for name, model, cfg, source in _models(args):
+    models = _models(args)
+    print(f"frozen {args.pool}-pooled features, scored on {args.val} (learnt from {args.train}): kNN k={args.k} "
+          f"T={args.temperature}; linear probe {args.epochs} epochs", flush=True)
+    for name, model, cfg, source in models:
         result = evaluate_model(model, cfg, args, device, name, probes)
         result["source"] = source
         report["models"][name] = result
