@@ -34,6 +34,12 @@ def single_process_group():
     finally:
         if created:
             dist.destroy_process_group()
+            # DeepSpeed caches the groups it derived (world, data parallel); the next group needs new ones
+            from deepspeed.utils import groups
+
+            for name, value in list(vars(groups).items()):
+                if isinstance(value, dist.ProcessGroup):
+                    setattr(groups, name, None)
 
 
 def train_and_save(run_dir: Path, config: str, stage: int, seed: int, overrides: tuple[str, ...] = ()) -> dict:
