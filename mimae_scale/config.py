@@ -146,6 +146,7 @@ class EvalConfig:
     knn_every_epochs: int = 0  # online kNN monitor on data.val_shards; 0 = off
     knn_k: int = 20
     knn_temperature: float = 0.07
+    pool: Literal["cls", "mean"] = "mean"  # features of the kNN monitor and mimae-eval: cls token or patch mean
 
 
 @dataclass
@@ -392,6 +393,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(cfg.eval.knn_every_epochs >= 0, "eval.knn_every_epochs", "must be >= 0")
     _check(cfg.eval.knn_k >= 1, "eval.knn_k", "must be at least 1")
     _check(cfg.eval.knn_temperature > 0, "eval.knn_temperature", "must be positive")
+    _check(cfg.eval.knn_every_epochs == 0 or bool(cfg.data.val_shards), "data.val_shards",
+           "the online kNN monitor (eval.knn_every_epochs > 0) needs a held-out shard set")
 
 
 def grad_accumulation(cfg: Config, world_size: int) -> int:
@@ -411,3 +414,10 @@ def dump_yaml(cfg: Config) -> str:
         return obj
 
     return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A validated Config from plain data (``cfg.to_dict()``, a checkpoint's stored config)."""
+    cfg = _from_dict(Config, data)
+    validate(cfg)
+    return cfg

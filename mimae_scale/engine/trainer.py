@@ -42,6 +42,7 @@ from mimae_scale.engine.ds_config import build_ds_config, resolve_precision, wri
 from mimae_scale.engine.optim import LRSchedule, build_optimizer, peak_lr
 from mimae_scale.engine.reporting import ConsoleSink, JsonlSink, MetricsSink, StepTiming
 from mimae_scale.engine.signals import StopRequest
+from mimae_scale.evaluation.online import knn_due, online_knn
 from mimae_scale.metrics import TrainingMetrics
 from mimae_scale.model import build_model
 
@@ -105,6 +106,7 @@ class Trainer:
         self.consecutive_skips = 0
         self.dropped_micro_batches = 0
         self.nan_steps = faults.nan_loss_steps(env.rank)
+        self.pending_eval: dict[str, float | int] = {}  # online kNN result, added to the next log record
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -257,6 +259,7 @@ class Trainer:
             if self.step % self.steps_per_epoch == 0:  # epoch done: let the loader move to the next one
                 self.dropped_micro_batches += sum(1 for _ in epoch_iter)
                 epoch_iter = None
+                self._online_knn()
             self._account(interval, out)
             timing = StepTiming(self.step, self.cfg.train.global_batch, time.perf_counter() - step_started,
                                 interval.data_wait_s - wait_before, out.applied, self.engine.skipped_steps,
@@ -289,6 +292,16 @@ class Trainer:
         if self.env.is_main:
             self._summary(started_at, time.perf_counter() - wall)
         return EXIT_OK
+
+    def _online_knn(self) -> None:
+        """Every ``eval.knn_every_epochs`` epochs: kNN top-1 of the encoder on ``data.val_shards``."""
+        epochs_done = self.step // self.steps_per_epoch
+        if not knn_due(self.cfg, epochs_done):
+            return
+        result = online_knn(self.engine.module, self.cfg, self.env.rank, self.env.world_size, self.device)
+        self.pending_eval = result
+        log.info("online kNN after epoch %d: top-1 %.4f on %d held-out images (%.1f s)", epochs_done,
+                 result["knn_top1"], result["knn_samples"], result["knn_seconds"])
 
     def _new_interval(self) -> Interval:
         return Interval(loss=torch.zeros((), device=self.device))
@@ -334,7 +347,9 @@ class Trainer:
             "data_wait_s": interval.data_wait_s / interval.steps,
             "skipped_steps": self.engine.skipped_steps,
             "skipped_samples": getattr(self.loader, "skipped_samples", 0),  # unusable samples the loader met
+            **self.pending_eval,  # knn_top1, knn_top5, knn_samples, knn_seconds after a monitor run
         }
+        self.pending_eval = {}
         for sink in self.sinks:
             sink.on_log(record)
         return totals[len(values) + 1] > 0, totals[len(values) + 2] > 0

@@ -1,0 +1,1 @@
+"""Evaluation and interoperability: export to timm / MAE, kNN and linear probes, reconstruction pictures."""
