@@ -146,6 +146,10 @@ class TrainingMetrics:
         self._loss_terms: dict[str, Any] = {}  # term -> labelled child, made at the first log (labels() is slow)
         self._lr = gauge("mimae_learning_rate", "Learning rate of the last step.")
         self._grad_norm = gauge("mimae_grad_norm", "Global gradient L2 norm before clipping.")
+        # no series until the monitor first runs: a 0 before that would read as an accuracy
+        self._knn_top1 = Gauge("mimae_knn_top1_ratio",
+                               "Online kNN top-1 accuracy on data.val_shards at the last monitor run (0-1).",
+                               LABELS, registry=reg)
         self._epoch = gauge("mimae_epoch", "Current epoch (0-based).")
         self._global_step = gauge("mimae_global_step", "Optimiser steps done in the run, resumed ones included.")
         self._progress = gauge("mimae_progress_ratio", "Fraction of the run's steps done (0-1).")
@@ -249,6 +253,8 @@ class TrainingMetrics:
         if record.get("grad_norm") is not None:
             self._grad_norm.set(_number("grad_norm", record["grad_norm"]))
         self._set_rejected_samples(_number("skipped_samples", record["skipped_samples"]))
+        if "knn_top1" in record:  # the online kNN monitor ran since the previous log step
+            self._knn_top1.labels(**self.labels).set(_number("knn_top1", record["knn_top1"]))
         if self._cuda and torch.cuda.is_initialized():
             # allocator bookkeeping on the host: no device synchronisation
             self._gpu_allocated.labels(**self.labels).set(torch.cuda.memory_allocated())

@@ -139,7 +139,8 @@ def test_exporter_values_labels_and_promtool(seed):
             metrics.on_step(timing(images, seconds, wait, applied=not skipped, loss_finite=i != len(steps) - 1))
         record = log_record(rng, step=10, epoch=1.25, skipped_samples=2)
         metrics.on_log(record)
-        metrics.on_log({**record, "skipped_samples": 5})
+        text_before_knn = http_get(f"http://127.0.0.1:{base + 1}/metrics")
+        metrics.on_log({**record, "skipped_samples": 5, "knn_top1": 0.375})  # the online kNN monitor ran
         completed = time.time()
         metrics.on_checkpoint(1.25, completed)
         text = http_get(f"http://127.0.0.1:{base + 1}/metrics")  # port_base + local rank
@@ -183,6 +184,8 @@ def test_exporter_values_labels_and_promtool(seed):
     assert _one(fam, "mimae_nonfinite_loss_steps_total") == 1
     assert _one(fam, "mimae_rejected_samples_total") == 5
     assert _one(fam, "mimae_checkpoint_save_duration_seconds") == 1.25
+    assert _one(fam, "mimae_knn_top1_ratio") == 0.375
+    assert not _families(text_before_knn).get("mimae_knn_top1_ratio")  # no series before the monitor ran
     assert _one(fam, "mimae_checkpoint_last_complete_timestamp_seconds") == completed
     info = fam["mimae_run_info"][0].labels
     assert (info["num_masks"], info["zero_stage"], info["world_size"]) == ("4", "1", "2")
