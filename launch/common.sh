@@ -123,6 +123,10 @@ mimae_launch() {
   master_addr=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
   [[ -n "$master_addr" ]] || mimae_die 1 "cannot read the node list $SLURM_JOB_NODELIST"
   export MASTER_ADDR=$master_addr
+  # sbatch exports the submitting shell's environment. Rank variables left there by torchrun or an
+  # earlier job would win over Slurm's in the trainer (RANK is how torchrun announces ranks), and
+  # every task would believe it is rank 0 of a world of 1: each rank takes its place from srun only.
+  unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK
   # A fresh port per job and per restart: no clash with a previous incarnation's lingering socket.
   export MASTER_PORT=${MIMAE_MASTER_PORT:-$((20000 + (SLURM_JOB_ID % 5000) * 8 + restart % 8))}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}

@@ -8,6 +8,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """In-process DeepSpeed sets RANK, WORLD_SIZE, MASTER_PORT, ... in os.environ; subprocesses
+    started by later tests (Slurm jobs, launchers) would inherit them. Every test starts clean."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def seed() -> int:
     value = int.from_bytes(os.urandom(4), "little")

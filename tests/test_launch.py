@@ -245,7 +245,9 @@ def test_preempted_job_checkpoints_requeues_resumes_and_finishes(slurm, tmp_path
     sends before a time limit) -> checkpoint, exit 75, ``scontrol requeue`` -> the rerun (with
     SLURM_RESTART_COUNT=1) resumes from that checkpoint and finishes; the finished job is not requeued."""
     max_steps, log_every = 20, 5
-    env = tiny_job_env(tmp_path)
+    # Submitted from a shell with torchrun-style rank variables (sbatch exports them to the job):
+    # the ranks must still take their places from srun, not all become rank 0 of a world of 1.
+    env = {**tiny_job_env(tmp_path), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     job, out = submit_tiny(slurm, tmp_path, f"train.max_steps={max_steps}", f"train.log_every={log_every}", env=env)
     run_dir = tmp_path / "run"
     metrics = run_dir / "metrics.jsonl"
