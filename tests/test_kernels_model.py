@@ -69,7 +69,9 @@ def _run(model, imgs, seed, bf16):
 
 
 def _models(seed):
-    on = build_model(load_config("tiny", ["kernels.enabled=on"]))
+    with torch.random.fork_rng():  # weights from the test's seed too, so a printed seed replays
+        torch.manual_seed(seed)
+        on = build_model(load_config("tiny", ["kernels.enabled=on"]))
     off = build_model(load_config("tiny", ["kernels.enabled=off"]))
     off.load_state_dict(on.state_dict())
     return on, off, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
@@ -97,13 +99,20 @@ def test_model_kernels_under_bf16_autocast(seed):
     """bf16 autocast: the references themselves move gradients by up to ~20% against float32
     (measured on the tiny model), so on-vs-off is no sharper test than that. Instead: against the
     float32 model, the kernels' loss terms are within 1e-2 and their gradients are no less
-    accurate than the references' (mean over parameters of the relative error, 1.5x margin)."""
+    accurate than the references' (mean over parameters of the relative error, 1.5x margin).
+
+    L_min (the CLUB bound) is a difference of Gaussian quadratic forms as large as L_q (~80 on
+    the tiny model) and can nearly cancel to ~0.1; bf16 rounds relative to those forms (both the
+    kernels and the references move it by up to ~0.013), so its bound is 1e-3 |L_q| (~0.08) instead."""
     on, off, imgs = _models(seed)
     truth, truth_grads = _run(off, imgs, seed, bf16=False)
     ours, ours_grads = _run(on, imgs, seed, bf16=True)
     _, reference_grads = _run(off, imgs, seed, bf16=True)
+    scale = {name: max(abs(want.item()), 1.0) for name, want in truth.terms.items()}
+    scale["min"] = max(scale["min"], 0.1 * abs(truth.terms["q"].item()))
     for name, want in truth.terms.items():
-        assert abs(ours.terms[name].item() - want.item()) <= 1e-2 * max(abs(want.item()), 1.0), name
+        err = abs(ours.terms[name].item() - want.item())
+        assert err <= 1e-2 * scale[name], (name, err, scale[name])
 
     def mean_error(grads):
         errors = [(grads[n] - g).abs().max() / g.abs().max() for n, g in truth_grads.items()]
