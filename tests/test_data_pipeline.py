@@ -127,6 +127,21 @@ def test_resume_yields_the_same_next_batches(backend: str, stop_at: int, exhaust
         assert torch.equal(want["images"], got["images"])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_refuses_a_state_it_cannot_continue(backend: str, id_shards: Path) -> None:
+    """Another backend's state, or one saved with another world size, is an error naming the field;
+    the loader keeps its own position."""
+    cfg = _cfg(backend, id_shards)
+    state = build_train_loader(cfg, 0, 2, CPU).state_dict()
+    loader = build_train_loader(cfg, 0, 3, CPU)
+    with pytest.raises(ValueError, match="saved with world_size=2, this run has 3"):
+        loader.load_state_dict(state)
+    other = "webdataset" if backend == "dali" else "dali"
+    with pytest.raises(ValueError, match=f"from backend '{other}', this is '{backend}'"):
+        loader.load_state_dict({**state, "backend": other, "world_size": 3})
+    assert (loader.epoch, loader.batch_in_epoch) == (0, 0)
+
+
 def test_dali_reads_shards_written_by_webdataset_shardwriter(tmp_path: Path, seed: int) -> None:
     rng = np.random.default_rng(seed)
     with wds.ShardWriter(str(tmp_path / "ext-%06d.tar"), maxcount=9, verbose=0) as w:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from mimae_scale.config import Config
+from mimae_scale.data.shardset import resolve_shards
 
 
 class TrainLoader(Protocol):
@@ -35,25 +36,14 @@ class TrainLoader(Protocol):
 
 def build_train_loader(cfg: Config, rank: int, world_size: int, device: torch.device) -> TrainLoader:
     """The configured backend for this rank's share of the training data."""
-    backend = cfg.data.backend
-    if backend == "synthetic":
+    if cfg.data.backend == "synthetic":
         from mimae_scale.data.synthetic import SyntheticLoader
 
         return SyntheticLoader(cfg, rank, world_size, device)
-    batch = cfg.train.micro_batch
-    if backend == "dali":
-        from mimae_scale.data.dali_loader import build_dali_loader
-
-        return build_dali_loader(
-            cfg, cfg.data.train_shards, "data.train_shards", rank, world_size, device, batch_size=batch, train=True
-        )
-    if backend == "webdataset":
-        from mimae_scale.data.wds_loader import build_wds_loader
-
-        return build_wds_loader(
-            cfg, cfg.data.train_shards, "data.train_shards", rank, world_size, device, batch_size=batch, train=True
-        )
-    raise ValueError(f"data.backend: unknown backend {backend!r}")
+    return _shard_loader(
+        cfg, cfg.data.backend, cfg.data.train_shards, "data.train_shards", rank, world_size, device,
+        batch_size=cfg.train.micro_batch, train=True,
+    )
 
 
 def build_eval_loader(
@@ -63,11 +53,23 @@ def build_eval_loader(
     augmentation, fp32) over ``shards`` (e.g. ``cfg.data.val_shards``): each ``iter()`` is one pass in
     which the ``valid`` rows of all ranks are every sample exactly once. Uses ``data.backend``'s
     decoder (``dali`` or ``webdataset``; ``synthetic`` falls back to ``webdataset``)."""
-    batch = batch_size or cfg.train.micro_batch
-    if cfg.data.backend == "dali":
-        from mimae_scale.data.dali_loader import build_dali_loader
+    backend = "dali" if cfg.data.backend == "dali" else "webdataset"
+    return _shard_loader(
+        cfg, backend, shards, "eval shards", rank, world_size, device,
+        batch_size=batch_size or cfg.train.micro_batch, train=False,
+    )
 
-        return build_dali_loader(cfg, shards, "eval shards", rank, world_size, device, batch_size=batch, train=False)
-    from mimae_scale.data.wds_loader import build_wds_loader
 
-    return build_wds_loader(cfg, shards, "eval shards", rank, world_size, device, batch_size=batch, train=False)
+def _shard_loader(
+    cfg: Config, backend: str, spec: str, field: str, rank: int, world_size: int, device: torch.device, *,
+    batch_size: int, train: bool,
+):
+    """``backend``'s loader over the shards ``spec`` names (``field``: the setting, for errors)."""
+    if backend == "dali":  # imported on use: a webdataset-only install need not have DALI
+        from mimae_scale.data.dali_loader import DaliLoader as loader_class
+    elif backend == "webdataset":
+        from mimae_scale.data.wds_loader import WdsLoader as loader_class
+    else:
+        raise ValueError(f"data.backend: unknown backend {backend!r}")
+    shards = resolve_shards(spec, field)
+    return loader_class(cfg, shards, rank, world_size, device, batch_size=batch_size, train=train)

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from mimae_scale.config import Config
-from mimae_scale.data.common import EVAL_CROP_FRACTION, tar_order, training_dtype
-from mimae_scale.data.shardset import ShardSet, padded_steps, resolve_shards, shard_sizes, valid_mask
+from mimae_scale.data.common import EVAL_CROP_FRACTION, ShardLoader, tar_order
+from mimae_scale.data.shardset import valid_mask
 
 log = logging.getLogger(__name__)
 READER = "Reader"
@@ -128,38 +128,16 @@ def _build_pipeline(
     return p
 
 
-class DaliLoader:
-    """One rank's loader (train: augmented, a new order every epoch; eval: deterministic, fixed order)."""
+class DaliLoader(ShardLoader):
+    """One rank's DALI loader (train: augmented, a new order every epoch; eval: deterministic, fixed order)."""
 
-    def __init__(
-        self,
-        cfg: Config,
-        shards: ShardSet,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        *,
-        batch_size: int,
-        train: bool,
-    ) -> None:
-        self.cfg, self.shards, self.rank, self.world_size = cfg, shards, rank, world_size
-        self.device, self.batch_size, self.train = device, batch_size, train
-        self.dtype = training_dtype(cfg, device) if train else torch.float32
-        self.num_samples = shards.num_samples
-        self.steps_per_epoch = padded_steps(self.num_samples, world_size, batch_size)
-        self.skipped_samples = shards.skipped  # samples without jpg/cls in the indexes: never read
-        if shards.skipped:
-            log.warning("%d samples lack a .jpg or .cls component and are skipped", shards.skipped)
-        self._real_in_share = shard_sizes(self.num_samples, world_size)[rank]
-        self.epoch = 0
-        self.batch_in_epoch = 0
+    BACKEND = "dali"
+
+    def _setup_backend(self) -> None:
         self._iterator = None  # the current epoch's DALI iterator
         self._resume_from: str | None = None  # DALI checkpoint for the next pipeline built
         self._restart_point: tuple[int, str | None] = (0, None)  # (batch, checkpoint) within this epoch
         self.pipeline_restarts = 0  # DALI failures survived by restarting from a checkpoint
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
 
     def _dali_iterator(self):
         if self._iterator is None:
@@ -236,7 +214,7 @@ class DaliLoader:
             self._start_next_pass()
         while self.batch_in_epoch < self.steps_per_epoch:
             out = self._next_batch()
-            valid = torch.tensor(valid_mask(self._real_in_share, self.batch_in_epoch, self.batch_size))
+            valid = torch.tensor(valid_mask(self.share_sizes[self.rank], self.batch_in_epoch, self.batch_size))
             self.batch_in_epoch += 1
             yield {
                 "images": out["images"].to(self.device, self.dtype, non_blocking=True),
@@ -252,41 +230,12 @@ class DaliLoader:
         pipeline = self._resume_from if at_edge else self._iterator.checkpoints()[0]
         if not at_edge:
             self._restart_point = (self.batch_in_epoch, pipeline)  # a later restart replays less
-        return {
-            "backend": "dali",
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_samples": self.num_samples,
-            "pipeline": pipeline,
-        }
+        return {**self._position_state(), "pipeline": pipeline}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("backend") != "dali":
-            raise ValueError(f"data loader state is from backend {state.get('backend')!r}, this is 'dali'")
-        for key in ("rank", "world_size", "num_samples"):
-            if state[key] != getattr(self, key):
-                raise ValueError(
-                    f"data loader state was saved with {key}={state[key]}, this run has {getattr(self, key)}: "
-                    "DALI's reader state is per rank share; resume with the same ranks and shards"
-                )
-        self.epoch = int(state["epoch"])
-        self.batch_in_epoch = int(state["batch_in_epoch"])
+        hint = "DALI's reader state is per rank share; resume with the same ranks and shards"
+        self._load_position(state, ("rank", "world_size", "num_samples"), hint)
         self._iterator = None  # rebuilt from the checkpoint on the next iter()
         self._resume_from = state["pipeline"]
         self._restart_point = (self.batch_in_epoch, self._resume_from)
 
-
-def build_dali_loader(
-    cfg: Config,
-    spec: str,
-    field: str,
-    rank: int,
-    world_size: int,
-    device: torch.device,
-    *,
-    batch_size: int,
-    train: bool,
-) -> DaliLoader:
-    return DaliLoader(cfg, resolve_shards(spec, field), rank, world_size, device, batch_size=batch_size, train=train)

@@ -32,9 +32,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mimae_scale.config import Config
-from mimae_scale.data.common import EVAL_CROP_FRACTION, tar_order, training_dtype
-from mimae_scale.data.shardset import ShardSet, padded_steps, resolve_shards, shard_sizes
+from mimae_scale.data.common import EVAL_CROP_FRACTION, ShardLoader, tar_order
 
 log = logging.getLogger(__name__)
 
@@ -66,46 +64,23 @@ def random_resized_crop_box(
     return left, top, left + w, top + h
 
 
-class WdsLoader:
+class WdsLoader(ShardLoader):
     """One rank's loader on the webdataset library (train: augmented and reshuffled; eval: fixed)."""
 
-    def __init__(
-        self,
-        cfg: Config,
-        shards: ShardSet,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        *,
-        batch_size: int,
-        train: bool,
-    ) -> None:
-        self.cfg, self.shards, self.rank, self.world_size = cfg, shards, rank, world_size
-        self.device, self.batch_size, self.train = device, batch_size, train
-        self.dtype = training_dtype(cfg, device) if train else torch.float32
-        self.num_samples = shards.num_samples
-        self.steps_per_epoch = padded_steps(self.num_samples, world_size, batch_size)
-        self.skipped_samples = shards.skipped
-        if shards.skipped:
-            log.warning("%d samples lack a .jpg or .cls component and are skipped", shards.skipped)
-        self._share_sizes = shard_sizes(self.num_samples, world_size)
-        self._pool = ThreadPoolExecutor(max_workers=cfg.data.num_threads)
-        self.epoch = 0
-        self.batch_in_epoch = 0
-        mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1) * 255
-        std = torch.tensor(cfg.data.std).view(1, 3, 1, 1) * 255
-        self._mean, self._std = mean, std
+    BACKEND = "webdataset"
 
-    def __len__(self) -> int:
-        return self.steps_per_epoch
+    def _setup_backend(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=self.cfg.data.num_threads)
+        self._mean = torch.tensor(self.cfg.data.mean).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(self.cfg.data.std).view(1, 3, 1, 1) * 255
 
     # -- the sample stream ------------------------------------------------------------------
     def _share_stream(self) -> Iterator[dict[str, Any]]:
         """This rank's contiguous share of the epoch's sample order (raw bytes, not decoded)."""
         order = tar_order(self.cfg.seed, self.epoch, len(self.shards.tars)) if self.train else None
         order = order or list(range(len(self.shards.tars)))
-        start = sum(self._share_sizes[: self.rank])
-        count = self._share_sizes[self.rank]
+        start = sum(self.share_sizes[: self.rank])
+        count = self.share_sizes[self.rank]
         if count == 0:
             return
         urls, pos, skip = [], 0, 0
@@ -198,7 +173,7 @@ class WdsLoader:
         if self.batch_in_epoch >= self.steps_per_epoch:  # restored at an epoch's very end
             self._finish_epoch()
         stream = self._shuffled(self._share_stream())
-        real_total = self._share_sizes[self.rank]
+        real_total = self.share_sizes[self.rank]
         consumed = self.batch_in_epoch * self.batch_size
         for _ in range(min(consumed, real_total)):  # resume: replay without decoding
             next(stream)
@@ -225,39 +200,10 @@ class WdsLoader:
             self.epoch += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "backend": "webdataset",
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_samples": self.num_samples,
-            "skipped_samples": self.skipped_samples,  # the counter goes on across restarts
-        }
+        # skipped_samples: the counter goes on across restarts
+        return {**self._position_state(), "skipped_samples": self.skipped_samples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("backend") != "webdataset":
-            raise ValueError(f"data loader state is from backend {state.get('backend')!r}, this is 'webdataset'")
-        for key in ("world_size", "num_samples"):
-            if state[key] != getattr(self, key):
-                raise ValueError(
-                    f"data loader state was saved with {key}={state[key]}, this run has "
-                    f"{getattr(self, key)}; resume with the same world size and shards"
-                )
-        self.epoch = int(state["epoch"])
-        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self._load_position(state, ("world_size", "num_samples"), "resume with the same world size and shards")
         self.skipped_samples = int(state["skipped_samples"])
 
-
-def build_wds_loader(
-    cfg: Config,
-    spec: str,
-    field: str,
-    rank: int,
-    world_size: int,
-    device: torch.device,
-    *,
-    batch_size: int,
-    train: bool,
-) -> WdsLoader:
-    return WdsLoader(cfg, resolve_shards(spec, field), rank, world_size, device, batch_size=batch_size, train=train)
