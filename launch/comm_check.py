@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -91,12 +90,6 @@ def predicted_bytes(stage: int, numels: list[int], world: int, elem_bytes: int) 
     return {"all_gather_into_tensor": shards * elem_bytes, "reduce_scatter_tensor": shards * world * elem_bytes}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
@@ -149,9 +142,11 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
 
 
 def measure(args: argparse.Namespace) -> list[tuple[int, dict[str, tuple[float, float]]]]:
+    from mimae_scale.engine.distributed import free_port
+
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    mp.start_processes(_worker, args=(args.world, _free_port(), args, results), nprocs=args.world,
+    mp.start_processes(_worker, args=(args.world, free_port(), args, results), nprocs=args.world,
                        start_method="spawn", join=True)
     return sorted((results.get() for _ in args.stages), key=lambda r: r[0])
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from pathlib import Path
 
 import deepspeed
@@ -12,13 +11,8 @@ import torch
 import torch.distributed as dist
 
 from mimae_scale.config import load_config
+from mimae_scale.engine.distributed import free_port
 from mimae_scale.model import build_model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

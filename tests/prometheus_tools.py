@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from mimae_scale.engine.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 MONITORING = REPO / "launch" / "monitoring"
 
@@ -50,9 +52,7 @@ def shellcheck() -> str:
 def free_port_block(count: int) -> int:
     """A base port such that base .. base+count-1 are free on 127.0.0.1 right now."""
     for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
+        base = free_port()
         if base + count > 65535:
             continue
         sockets = []

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from mimae_scale.engine.checkpoint import MARKER
+from mimae_scale.engine.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -41,18 +41,12 @@ def demo_data(tmp_path_factory) -> list[str]:
     return ["data.backend=dali", f"data.train_shards={out / 'train'}", *TRAIN]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Job:
     """One launcher run; its console output goes to a file (a pipe could fill and stall it)."""
 
     def __init__(self, script: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-               "--master_port", str(_free_port()), script, *args]
+               "--master_port", str(free_port()), script, *args]
         self.log = log
         with open(log, "w") as out:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,

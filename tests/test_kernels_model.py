@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 
 from mimae_scale import kernels, ops
 from mimae_scale.config import ConfigError, load_config
+from mimae_scale.engine.distributed import free_port
 from mimae_scale.model import build_model
 
 if not kernels.INTERPRETED:  # CPU tensors need the interpreter (make test sets TRITON_INTERPRET=1)
@@ -122,12 +122,6 @@ def test_model_kernels_under_bf16_autocast(seed):
     assert ours_error <= 1.5 * reference_error, (ours_error, reference_error)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_zero3_training_step_with_kernels_on(tmp_path):
     """Two ranks, DeepSpeed ZeRO-3 with every parameter partitioned, bf16, kernels.enabled=on."""
@@ -135,7 +129,7 @@ def test_zero3_training_step_with_kernels_on(tmp_path):
     script = Path(__file__).with_name("zero3_kernels_step.py")
     env = {
         **os.environ, "TRITON_INTERPRET": "1", "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
     }
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.cwd() / ".cache" / "torch_extensions"))
     procs = [

@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 from slurm_cluster import SlurmCluster, SlurmError
 
 from mimae_scale.config import ConfigError, grad_accumulation, load_config
+from mimae_scale.engine.distributed import free_port
 from mimae_scale.engine.ds_config import build_ds_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,12 +173,6 @@ def test_launcher_refuses_bad_geometry(slurm):
     assert proc.returncode == EXIT_CONFIG and "does not split over 24 ranks" in proc.stderr
     proc = dry_run(slurm, "vit_l_1600ep.sh", 8, 8, gpus=8, extra_env={"MIMAE_GLOBAL_BATCH": "4k"})
     assert proc.returncode == EXIT_CONFIG and "MIMAE_GLOBAL_BATCH=4k: expected a positive integer" in proc.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_job_env(tmp_path: Path) -> dict[str, str]:

@@ -10,7 +10,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from prometheus_tools import (
     require_prometheus,
 )
 from test_monitoring_config import METRIC_SELECTOR, dashboard_queries, is_dcgm
+
+from mimae_scale.engine.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -59,9 +60,7 @@ def prometheus_config(workdir: Path) -> Path:
 
 def start_ranks(workdir: Path, job: str, port_base: int) -> list[subprocess.Popen]:
     """train.py as two plain processes with the env:// rendezvous variables (torchrun's contract)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        master_port = probe.getsockname()[1]
+    master_port = free_port()
     overrides = [
         f"run_dir={workdir / 'run'}", "data.backend=synthetic", "train.micro_batch=8", "train.global_batch=16",
         "train.max_steps=100000", "train.log_every=2", "checkpoint.every_steps=4", f"metrics.job={job}",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mimae_scale.config import ConfigError, load_config
+from mimae_scale.engine.distributed import free_port
 from mimae_scale.evaluation.features import extract_features
 from mimae_scale.evaluation.knn import knn_evaluate
 from mimae_scale.evaluation.online import knn_due, online_knn
@@ -64,16 +64,21 @@ def test_schedule_and_config():
         load_config("tiny", ["eval.knn_every_epochs=1"])
 
 
+def _model_and_data(cfg, seed: int):
+    """The same model and 100 labelled images in every process that asks with the same seed."""
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (100,), generator=gen)
+    return model, torch.randn(100, 3, 32, 32, generator=gen), labels
+
+
 def _rank_main(rank: int, port: int, seed: int, result_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     cfg = _cfg()
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 10, (100,), generator=gen)
-    images = torch.randn(100, 3, 32, 32, generator=gen)
+    model, images, labels = _model_and_data(cfg, seed)
     # rank r gets every other batch; rank 1's last batch has padding rows (valid False)
     batches = []
     for i, start in enumerate(range(0, 100, 16)):
@@ -89,17 +94,11 @@ def _rank_main(rank: int, port: int, seed: int, result_path: str) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_equal_one(tmp_path, seed):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_rank_main, args=(port, seed, str(tmp_path / "r")), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"r.{r}", weights_only=True) for r in (0, 1))
     cfg = _cfg()
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 10, (100,), generator=gen)
-    images = torch.randn(100, 3, 32, 32, generator=gen)
+    model, images, labels = _model_and_data(cfg, seed)
     single = online_knn(model, cfg, batches=[{"images": images, "labels": labels}])
     assert r0["knn_samples"] == r1["knn_samples"] == 100
     assert r0["knn_top1"] == r1["knn_top1"] == pytest.approx(single["knn_top1"], abs=1e-6)
@@ -119,9 +118,7 @@ def test_trainer_logs_the_monitor(tmp_path):
 
     shards = tmp_path / "shards"
     assert shards_main(["demo", str(shards), "--train-per-class", "8", "--val-per-class", "3", "--size", "32"]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
            "mimae_scale/train.py", "--config", "tiny", f"run_dir={run_dir}", "train.epochs=2",

@@ -51,7 +51,8 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv(0, 0, 1, "single")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now (for a rendezvous, or a server a test starts)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -62,7 +63,7 @@ def export_rendezvous(env: DistEnv, environ: MutableMapping[str, str] | None = N
     environ = os.environ if environ is None else environ
     if env.launcher == "single":
         environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        environ.setdefault("MASTER_PORT", str(_free_port()))
+        environ.setdefault("MASTER_PORT", str(free_port()))
     elif env.launcher == "slurm":
         missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in environ]
         if missing and env.world_size > 1:
@@ -71,7 +72,7 @@ def export_rendezvous(env: DistEnv, environ: MutableMapping[str, str] | None = N
                 "(e.g. MASTER_ADDR=$(scontrol show hostnames $SLURM_NODELIST | head -n1), MASTER_PORT=29500)"
             )
         environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        environ.setdefault("MASTER_PORT", str(_free_port()))
+        environ.setdefault("MASTER_PORT", str(free_port()))
     environ["RANK"] = str(env.rank)
     environ["LOCAL_RANK"] = str(env.local_rank)
     environ["WORLD_SIZE"] = str(env.world_size)
