@@ -169,23 +169,31 @@ def gather_visible(
 
 
 @triton.jit
+def _token_source(t, t_ok, ids_restore_ptr, N, L):
+    """For flat output tokens t of (R, 1+N): position q in the row (0 for cls, 1+p for patch p),
+    the latent token it comes from (flat index into (R, 1+L)) and whether it comes from the latent
+    at all (cls and visible patches) rather than being the mask token."""
+    row = t // (N + 1)
+    q = t % (N + 1)
+    is_patch = q > 0
+    j = tl.load(ids_restore_ptr + row * N + q - 1, mask=t_ok & is_patch, other=0)
+    src = row * (L + 1) + tl.where(is_patch, j + 1, 0)
+    return q, src, (q == 0) | (j < L)
+
+
+@triton.jit
 def _unshuffle_fwd(
     latent_ptr, ids_restore_ptr, mask_token_ptr, pos_ptr, out_ptr,
     num_rows, N, L, D,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # t: flat output token; q = t % (1+N) is 0 for cls, 1+p for patch p
+    # t: flat output token of (R, 1+N)
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t_ok = t < num_rows * (N + 1)
     d_ok = d < D
     ok = t_ok[:, None] & d_ok[None, :]
-    row = t // (N + 1)
-    q = t % (N + 1)
-    is_patch = q > 0
-    j = tl.load(ids_restore_ptr + row * N + q - 1, mask=t_ok & is_patch, other=0)
-    from_latent = (q == 0) | (j < L)
-    src = row * (L + 1) + tl.where(is_patch, j + 1, 0)
+    q, src, from_latent = _token_source(t, t_ok, ids_restore_ptr, N, L)
     x = tl.load(latent_ptr + src[:, None] * D + d[None, :], mask=ok & from_latent[:, None], other=0.0)
     mask_token = tl.load(mask_token_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
     p = tl.load(pos_ptr + q[:, None] * D + d[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -213,16 +221,11 @@ def _unshuffle_bwd(
         t = tile * BLOCK_T + offsets
         t_ok = t < num_tokens
         ok = t_ok[:, None] & d_ok[None, :]
-        row = t // (N + 1)
-        q = t % (N + 1)
-        is_patch = q > 0
-        j = tl.load(ids_restore_ptr + row * N + q - 1, mask=t_ok & is_patch, other=0)
-        from_latent = (q == 0) | (j < L)
+        _, src, from_latent = _token_source(t, t_ok, ids_restore_ptr, N, L)
         g = tl.load(grad_out_ptr + t[:, None] * D + d[None, :], mask=ok, other=0.0).to(tl.float32)
         if WRITE_LATENT:
-            dst = row * (L + 1) + tl.where(is_patch, j + 1, 0)
             tl.store(
-                grad_latent_ptr + dst[:, None] * D + d[None, :],
+                grad_latent_ptr + src[:, None] * D + d[None, :],
                 g.to(grad_latent_ptr.dtype.element_ty),
                 mask=ok & from_latent[:, None],
             )

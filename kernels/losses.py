@@ -164,6 +164,15 @@ def norm_pix_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -
 
 
 @triton.jit
+def _gaussian_tile(mu_ptr, logvar_ptr, x_ptr, offsets, ok):
+    """One (rows x columns) tile of mu, logvar, x in float32 (0 outside ok), and 1 / var."""
+    mu = tl.load(mu_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    logvar = tl.load(logvar_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    return mu, logvar, x, tl.exp(-logvar)
+
+
+@triton.jit
 def _gaussian_fwd(
     mu_ptr, logvar_ptr, x_ptr, perm_ptr, partial_ptr,
     M, X,
@@ -179,10 +188,7 @@ def _gaussian_fwd(
         c = start + tl.arange(0, BLOCK_X)
         ok = row_ok[:, None] & (c < X)[None, :]
         offsets = rows[:, None] * X + c[None, :]
-        mu = tl.load(mu_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        logvar = tl.load(logvar_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        precision = tl.exp(-logvar)
+        mu, logvar, x, precision = _gaussian_tile(mu_ptr, logvar_ptr, x_ptr, offsets, ok)
         if CLUB:
             x_other = tl.load(x_ptr + partner[:, None] * X + c[None, :], mask=ok, other=0.0).to(tl.float32)
             term = ((x_other - mu) * (x_other - mu) - (x - mu) * (x - mu)) * precision
@@ -211,10 +217,7 @@ def _gaussian_bwd(
         c = start + tl.arange(0, BLOCK_X)
         ok = row_ok[:, None] & (c < X)[None, :]
         offsets = rows[:, None] * X + c[None, :]
-        mu = tl.load(mu_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        logvar = tl.load(logvar_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        precision = tl.exp(-logvar)
+        mu, _, x, precision = _gaussian_tile(mu_ptr, logvar_ptr, x_ptr, offsets, ok)
         if CLUB:  # loss = 1/2 mean_r sum [(x[perm] - mu)^2 - (x - mu)^2] * precision
             x_other = tl.load(x_ptr + partner[:, None] * X + c[None, :], mask=ok, other=0.0).to(tl.float32)
             dmu = scale * precision * (x - x_other)
