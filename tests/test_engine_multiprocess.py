@@ -101,9 +101,8 @@ def test_zero_stages_0_to_3_train_and_agree(tmp_path, demo_data):
     """2 ranks, one short run per ZeRO stage: the loss falls, and all stages compute the same numbers
     (ZeRO partitions the optimiser state, gradients and weights; it must not change the math).
 
-    "Falls" is asserted for the reconstruction and InfoNCE terms: the total also holds L_q, the
-    CLUB approximation network's likelihood, which rises while L_min makes the latents less
-    predictive of the pixels (the two play against each other), so early on the sum need not fall."""
+    "Falls" is asserted for the reconstruction and InfoNCE terms: the total also holds w_min x L_min,
+    which the encoder trades against them, so early on the sum need not fall."""
     settings = ["train.max_steps=10", "train.log_every=5", "checkpoint.every_steps=5", "optim.base_lr=3e-3",
                 "optim.warmup_epochs=0.25"]
     sweep = [str(tmp_path), "0,1,2,3", *demo_data, *settings]

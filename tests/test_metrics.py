@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mimae_scale.config import ConfigError, load_config
 from mimae_scale.engine.reporting import StepTiming
 from mimae_scale.flops import default_peak_tflops, tokens_per_image, train_flops_per_image
-from mimae_scale.metrics import STEP_BUCKETS, TrainingMetrics, job_name
+from mimae_scale.metrics import CLUB_HEALTH, STEP_BUCKETS, TrainingMetrics, job_name
 from mimae_scale.model import build_model
 from mimae_scale.model.club import ClubCritic
 
@@ -109,6 +109,8 @@ def log_record(rng: random.Random, **fields) -> dict:
     """A metrics.jsonl record as the trainer writes it."""
     record = {"step": 1, "epoch": 0.0, "samples": 64, "lr": rng.uniform(1e-5, 1e-3), "loss": rng.random(),
               "loss_rec": rng.random(), "loss_max": rng.random(), "loss_min": -rng.random(), "loss_q": rng.random(),
+              "club_q_gain": rng.uniform(-1, 1), "club_logvar_mean": rng.uniform(-1, 1),
+              "club_logvar_saturated": rng.random(),
               "grad_norm": rng.uniform(0.1, 5), "images_per_s": 1.0, "step_s": 0.1, "data_wait_s": 0.0,
               "skipped_steps": 0, "skipped_samples": 0}
     return {**record, **fields}
@@ -179,6 +181,8 @@ def test_exporter_values_labels_and_promtool(seed):
     for term in ("rec", "max", "min", "q"):
         assert _one(fam, "mimae_loss", term=term) == record[f"loss_{term}"]
     assert _one(fam, "mimae_loss", term="total") == record["loss"]
+    for name in CLUB_HEALTH:
+        assert _one(fam, "mimae_club", stat=name.removeprefix("club_")) == record[name]
     assert _one(fam, "mimae_learning_rate") == record["lr"]
     assert _one(fam, "mimae_grad_norm") == record["grad_norm"]
     assert _one(fam, "mimae_global_step") == 10
