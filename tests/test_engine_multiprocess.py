@@ -196,7 +196,8 @@ def test_sigkill_and_crash_during_save_resume_exactly(tmp_path, demo_data):
     assert len(every) > 16  # steps after each checkpoint were computed twice: all must agree
     for rec in every:
         ref = reference[rec["step"]]
-        for key in ("loss", "loss_rec", "loss_max", "loss_min", "loss_q", "grad_norm", "lr"):
+        # the CLUB critic (q and its Adam state) resumes exactly too: its NLL and health repeat
+        for key in ("loss", "loss_rec", "loss_max", "loss_min", "loss_q", "club_q_gain", "grad_norm", "lr"):
             assert rec[key] == ref[key], (rec["step"], key, rec[key], ref[key])
 
 
@@ -217,6 +218,7 @@ def test_plain_process_runs_and_bad_settings_exit_2(tmp_path):
     states = torch.load(run / "checkpoints" / "step_000000003" / "mp_rank_00_model_states.pt", weights_only=False)
     assert states["format"] == "mimae_scale/1" and states["step"] == 3 and states["samples"] == 3 * 32
     assert states["universal_checkpoint_info"]  # what ds_to_universal needs to convert it
+    assert set(states["critic"]) == {"net", "optimizer"}  # CLUB's q and its own Adam, outside the engine
 
     bad = subprocess.run([*cmd, "model.depth=0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert bad.returncode == 2 and "ConfigError: model.depth: must be positive" in bad.stderr
