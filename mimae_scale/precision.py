@@ -1,7 +1,8 @@
 """The training precision (``engine.precision``): one place decides what each mode means.
 
-- ``bf16``: DeepSpeed's bf16 mode. The whole module is cast to bf16 (weights, sin-cos position
-  buffers, LayerNorm included) and the optimiser keeps an fp32 master copy; images arrive in bf16.
+- ``bf16``: DeepSpeed's bf16 mode. Every parameter is cast to bf16 (LayerNorm's included; DeepSpeed
+  0.19 keeps buffers such as the sin-cos positions in fp32, older versions cast those too) and the
+  optimiser keeps an fp32 master copy; images arrive in bf16.
 - ``amp``: fp32 weights and buffers (DeepSpeed sees an fp32 model), the forward runs under
   ``torch.autocast(bf16)``: matmuls and convolutions in bf16, norms, softmax and losses in fp32.
   Images arrive in fp32. Costs a bf16 copy of each weight per forward, keeps the positions exact.

@@ -195,13 +195,15 @@ def _rates(out: dict[str, Any], cfg, ceiling: float, peak: float | None) -> None
 def section(ctx: Context) -> None:
     import torch.distributed as dist
 
+    from mimae_scale.engine.distributed import destroy_process_group
+
     created = not dist.is_initialized()  # the Trainers share one process group, made by the first
     environ = dict(os.environ)  # and set RANK, MASTER_PORT, ... for it
     try:
         _section(ctx)
     finally:
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
+        if created:
+            destroy_process_group()
         os.environ.clear()
         os.environ.update(environ)
 
