@@ -52,5 +52,9 @@ def test_bench_gpu_only_and_skip_choose_sections(tmp_path) -> None:
                  "--skip", "kernels"]) == 0
     (path,) = tmp_path.glob("*.json")
     assert list(json.loads(path.read_text())["sections"]) == ["env"]
+    assert main(["gpu", "--device", "cpu", "--smoke", "--out", str(tmp_path / "late"), "--only", "kernels",
+                 "--time-limit-s", "1e-9"]) == 0  # past the limit: recorded as skipped, nothing measured
+    (path,) = (tmp_path / "late").glob("*.json")
+    assert json.loads(path.read_text())["sections"]["kernels"]["status"] == "skipped"
     with pytest.raises(SystemExit, match="unknown section"):
         main(["gpu", "--device", "cpu", "--only", "nope"])

@@ -52,6 +52,14 @@ class Context:
     record: Callable[[], None] = lambda: None
     result: dict[str, Any] = field(default_factory=dict)
     shared: dict[str, Any] = field(default_factory=dict)
+    deadline: float | None = None  # time.monotonic() after which no new measurement starts
+
+    def out_of_time(self) -> bool:
+        """True once past --time-limit-s: the section records where it stopped and returns."""
+        if self.deadline is None or time.monotonic() < self.deadline:
+            return False
+        self.result["stopped"] = "time limit (--time-limit-s): the rest was not measured"
+        return True
 
     def log(self, message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -137,10 +145,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", help=f"comma-separated sections to run ({','.join(SECTIONS)})")
     p.add_argument("--skip", help="comma-separated sections not to run")
     p.add_argument("--out", default="bench/results", help="folder of the results JSON")
-    p.add_argument("--step-configs", default="mimae_b,mimae_l,mae_b,mae_l",
+    p.add_argument("--step-configs", default="mimae_l,mae_l,mimae_b,mae_b",
                    help="step section models: mimae_b, mimae_l, mae_b, mae_l (ViT-B/16, ViT-L/16)")
     p.add_argument("--step-precisions", default="bf16,amp", help="step section: engine.precision values")
     p.add_argument("--step-compile", default="mimae_l", help="step configs also run with engine.compile=true")
+    p.add_argument("--time-limit-s", type=float, default=None,
+                   help="start no new measurement after this many seconds (what was measured is kept)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -159,7 +169,9 @@ def main(args: argparse.Namespace) -> int:
     sections = _sections()
     failed = []
     with tempfile.TemporaryDirectory(prefix="mimae-bench-") as scratch:
-        ctx = Context(device=device, smoke=args.smoke, scratch=Path(scratch), args=args, record=results.write)
+        deadline = time.monotonic() + args.time_limit_s if args.time_limit_s else None
+        ctx = Context(device=device, smoke=args.smoke, scratch=Path(scratch), args=args, record=results.write,
+                      deadline=deadline)
         ctx.log(f"mimae-bench gpu on {device} ({'smoke' if args.smoke else 'full'}): {', '.join(wanted)}; "
                 f"results in {results.path}")
         for name in wanted:
@@ -167,6 +179,10 @@ def main(args: argparse.Namespace) -> int:
                                      "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "result": {}}
             results.data["sections"][name] = entry
             ctx.result = entry["result"]
+            if ctx.out_of_time():
+                entry["status"] = "skipped"
+                results.write()
+                continue
             began = time.perf_counter()
             ctx.log(f"section {name} ...")
             try:

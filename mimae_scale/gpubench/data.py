@@ -95,6 +95,8 @@ def decode(ctx: Context) -> None:
     ctx.record()
     ctx.log(f"  torchvision decode ({device.type}): {reference:.0f} img/s")
     for num_threads, load in product(threads, loads):
+        if ctx.out_of_time():
+            break
         cfg = load_config("mimae_vit_b16", [*base, f"data.num_threads={num_threads}", f"data.hw_decoder_load={load}"])
         loader = build_train_loader(cfg, 0, 1, device)
         rate = _measure(_loader_batches(loader), device, warmup, count)

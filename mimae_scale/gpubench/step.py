@@ -1,14 +1,15 @@
 """The ``step`` section: the real ``Trainer.train_step`` through DeepSpeed, timed against a plain
 PyTorch step and a bf16 matmul ceiling measured in the same process.
 
-For each model (MI-MAE K 4 and MAE at ViT-B/16 and ViT-L/16), each ``engine.precision`` asked for
+For each model (MI-MAE K 4 and MAE at ViT-L/16 and ViT-B/16), each ``engine.precision`` asked for
 (``bf16``: DeepSpeed's bf16 mode; ``amp``: fp32 weights + bf16 autocast) and, where asked,
 ``engine.compile``: a Trainer is set up as ``train.py`` would (ZeRO 1, one rank, synthetic data
 made on the device, metrics not served, nothing saved) and ``train_step`` runs on one
 device-resident batch. Reported: images/s, model TFLOP/s (mimae_scale.flops' count), MFU against
 the measured ceiling and against the data sheet, host synchronisations per step, peak memory, and a
 forward / backward / optimiser split (one more step with CUDA events between DeepSpeed's three
-calls). The plain step is the same model in fp32 with bf16 autocast and torch's fused AdamW, no
+calls). Eager runs come first, compiled ones (inductor takes a minute or more per model) last.
+The plain step is the same model in fp32 with bf16 autocast and torch's fused AdamW, no
 DeepSpeed: ``engine_over_plain`` is what the engine costs.
 """
 
@@ -217,26 +218,29 @@ def _section(ctx: Context) -> None:
     ctx.record()
     ctx.log(f"  bf16 matmul ceiling {ceiling:.1f} TFLOP/s (data sheet {peak})")
     names = [n for n in args.step_configs.split(",") if n in (SMOKE_MODELS if smoke else MODELS)]
-    compiled = set(args.step_compile.split(",")) if args.step_compile else set()
-    if smoke:  # one compiled variant keeps the compile path covered without minutes of inductor on the CPU
-        compiled = set()
+    # eager runs first, compiled ones (minutes of inductor) after; none in a smoke run
+    compiled = [] if smoke or not args.step_compile else [n for n in args.step_compile.split(",") if n in names]
+    plan = [(n, False) for n in names] + [(n, True) for n in compiled]
     with tempfile.TemporaryDirectory(dir=ctx.scratch) as run_dir:
-        for name in names:
-            for compile_blocks in (False, True) if name in compiled else (False,):
-                tag = f"{name}{'+compile' if compile_blocks else ''}"
-                flags = [f"engine.compile={str(compile_blocks).lower()}", f"metrics.ceiling_tflops={ceiling}"]
-                base = _config(name, smoke, run_dir, flags)
-                plain = plain_step(base, device, warmup, steps, compile_blocks)
-                _rates(plain, base, ceiling, peak)
-                ctx.result["runs"][f"{tag}/plain"] = plain
+        for name, compile_blocks in plan:
+            if ctx.out_of_time():
+                return
+            tag = f"{name}{'+compile' if compile_blocks else ''}"
+            flags = [f"engine.compile={str(compile_blocks).lower()}", f"metrics.ceiling_tflops={ceiling}"]
+            base = _config(name, smoke, run_dir, flags)
+            plain = plain_step(base, device, warmup, steps, compile_blocks)
+            _rates(plain, base, ceiling, peak)
+            ctx.result["runs"][f"{tag}/plain"] = plain
+            ctx.record()
+            ctx.log(f"  {tag}/plain: {plain['images_per_s']:.1f} img/s, MFU {plain['mfu']:.3f}")
+            for precision in args.step_precisions.split(","):
+                if ctx.out_of_time():
+                    return
+                cfg = _config(name, smoke, run_dir, [*flags, f"engine.precision={precision}"])
+                row = engine_step(cfg, device, warmup, steps)
+                _rates(row, cfg, ceiling, peak)
+                row["engine_over_plain"] = row["images_per_s"] / plain["images_per_s"]
+                ctx.result["runs"][f"{tag}/{precision}"] = row
                 ctx.record()
-                ctx.log(f"  {tag}/plain: {plain['images_per_s']:.1f} img/s, MFU {plain['mfu']:.3f}")
-                for precision in args.step_precisions.split(","):
-                    cfg = _config(name, smoke, run_dir, [*flags, f"engine.precision={precision}"])
-                    row = engine_step(cfg, device, warmup, steps)
-                    _rates(row, cfg, ceiling, peak)
-                    row["engine_over_plain"] = row["images_per_s"] / plain["images_per_s"]
-                    ctx.result["runs"][f"{tag}/{precision}"] = row
-                    ctx.record()
-                    ctx.log(f"  {tag}/{precision}: {row['images_per_s']:.1f} img/s, MFU {row['mfu']:.3f}, "
-                            f"{row['engine_over_plain']:.2f}x plain, syncs/step {row['host_syncs_per_step']}")
+                ctx.log(f"  {tag}/{precision}: {row['images_per_s']:.1f} img/s, MFU {row['mfu']:.3f}, "
+                        f"{row['engine_over_plain']:.2f}x plain, syncs/step {row['host_syncs_per_step']}")
