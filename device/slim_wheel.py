@@ -42,6 +42,7 @@ def slim(src: Path, out_dir: Path, python: str) -> tuple[int, int]:
             if info.filename.endswith(".dist-info/RECORD"):
                 lines = [ln for ln in data.decode().splitlines() if ln.split(",", 1)[0] in names]
                 data = ("\n".join(lines) + "\n").encode()
+            info.compress_type = zipfile.ZIP_STORED  # writestr keeps the entry's own method otherwise
             zout.writestr(info, data)
     return dropped, out.stat().st_size
 
