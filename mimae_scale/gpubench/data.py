@@ -71,9 +71,10 @@ def _torchvision_batches(files: list[Path], cfg, batch: int, device: torch.devic
     while True:
         for first in range(0, len(data) - batch + 1, batch):
             decoded = decode_jpeg(data[first:first + batch], device=device)
-            out = torch.stack([v2.functional.horizontal_flip(crop(img)) if torch.rand(()) < 0.5 else crop(img)
-                               for img in decoded])
-            yield ((out.float() - mean) / std).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+            # float before the crop: antialiased bicubic resizing of uint8 is not supported everywhere
+            out = [crop(img.float()) for img in decoded]
+            out = torch.stack([v2.functional.horizontal_flip(img) if torch.rand(()) < 0.5 else img for img in out])
+            yield ((out - mean) / std).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def decode(ctx: Context) -> None:
