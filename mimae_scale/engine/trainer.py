@@ -43,8 +43,9 @@ from mimae_scale.engine.optim import LRSchedule, build_optimizer, peak_lr
 from mimae_scale.engine.reporting import ConsoleSink, JsonlSink, MetricsSink, StepTiming
 from mimae_scale.engine.signals import StopRequest
 from mimae_scale.evaluation.online import knn_due, online_knn
-from mimae_scale.metrics import TrainingMetrics
+from mimae_scale.metrics import LOSS_TERMS, TrainingMetrics
 from mimae_scale.model import build_model
+from mimae_scale.model.club import ClubCritic, min_weight
 from mimae_scale.model.compile import compile_blocks
 from mimae_scale.precision import autocast, input_dtype, resolve_precision
 
@@ -141,6 +142,8 @@ class Trainer:
         model = build_model(cfg)
         if cfg.engine.compile:
             compile_blocks(model)
+        # CLUB's q: outside the engine, with its own optimiser (mimae_scale.model.club)
+        self.critic = ClubCritic(cfg, self.device) if cfg.loss.w_min > 0 else None
         # DeepSpeed checks non-finite gradients itself whenever it wraps the optimiser (ZeRO 1-3, bf16)
         wrapped = cfg.engine.zero_stage > 0 or self.precision == "bf16"
         optimizer = build_optimizer(model, cfg, wrapped_by_deepspeed=wrapped, device=self.device)
@@ -167,6 +170,8 @@ class Trainer:
             raise RuntimeError(f"{self.ckpt.root / chosen.tag}: not a {FORMAT} checkpoint")
         self.step = client["step"]
         self.consecutive_skips = client["consecutive_skips"]
+        if self.critic is not None:
+            self.critic.load_state_dict(client["critic"])
         self.loader.load_state_dict(mine["loader"])
         set_rng_state(mine["rng"], self.device)
         log.info("resumed from %s: step %d, epoch %d, %d images seen", self.ckpt.root / chosen.tag,
@@ -209,6 +214,7 @@ class Trainer:
         """
         number = self.step + 1
         lr = self.schedule(self.step)
+        w_min = min_weight(self.cfg, self.step, self.steps_per_epoch)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
@@ -217,7 +223,8 @@ class Trainer:
             generator = torch.Generator(self.device).manual_seed(mask_seed(self.cfg.seed, self.env.rank, number, micro))
             images = batch["images"].to(self.device, self.input_dtype, non_blocking=True)  # loaders pin host batches
             with autocast(self.precision, self.device):
-                out = self.engine(images, generator=generator)
+                out = self.engine(images, generator=generator, valid=batch.get("valid"), critic=self.critic,
+                                  w_min=w_min)
             loss = out.loss * float("nan") if number in self.nan_steps else out.loss
             # A non-finite loss must give non-finite gradients (DeepSpeed's skip test looks at those),
             # even when a term's gradient happens to stay finite. x1.0 is exact, so finite steps are unchanged.
@@ -346,7 +353,7 @@ class Trainer:
             "samples": self.step * self.cfg.train.global_batch,
             "lr": out.lr,
             "loss": mean[0],
-            **{f"loss_{n}": v for n, v in zip(names, mean[1:], strict=True)},
+            **{(f"loss_{n}" if n in LOSS_TERMS else n): v for n, v in zip(names, mean[1:], strict=True)},
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "images_per_s": interval.steps * self.cfg.train.global_batch / elapsed,
             "step_s": elapsed / interval.steps,
@@ -373,6 +380,7 @@ class Trainer:
             "consecutive_skips": self.consecutive_skips,
             "fingerprint": cfg.fingerprint(),
             "world_size": self.env.world_size,
+            "critic": None if self.critic is None else self.critic.state_dict(),  # the same on every rank
             # what DeepSpeed's ds_to_universal needs to convert the checkpoint for another world size
             # (data parallel only: no tensor-parallel merge patterns)
             UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},

@@ -9,8 +9,8 @@ device-resident batch. Reported: images/s, model TFLOP/s (mimae_scale.flops' cou
 the measured ceiling and against the data sheet, host synchronisations per step, peak memory, and a
 forward / backward / optimiser split (one more step with CUDA events between DeepSpeed's three
 calls). Eager runs come first, compiled ones (inductor takes a minute or more per model) last.
-The plain step is the same model in fp32 with bf16 autocast and torch's fused AdamW, no
-DeepSpeed: ``engine_over_plain`` is what the engine costs.
+The plain step is the same model (and CLUB critic) in fp32 with bf16 autocast and torch's fused
+AdamW, no DeepSpeed: ``engine_over_plain`` is what the engine costs.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def engine_step(cfg, device: torch.device, warmup: int, steps: int) -> dict[str,
         def forward():
             gen = torch.Generator(device).manual_seed(mask_seed(cfg.seed, 0, trainer.step + 1, 0))
             with autocast(trainer.precision, device):
-                return engine(images, generator=gen).loss
+                return engine(images, generator=gen, critic=trainer.critic).loss
 
         split = _split(forward, engine.backward, engine.step, device)
         out = {"step_s": seconds, "host_syncs_per_step": _host_syncs(step, device), **split, **_memory(device),
@@ -158,6 +158,7 @@ def plain_step(cfg, device: torch.device, warmup: int, steps: int, compile_block
     from mimae_scale.data.synthetic import SyntheticLoader
     from mimae_scale.engine.optim import param_groups
     from mimae_scale.model import build_model
+    from mimae_scale.model.club import ClubCritic
     from mimae_scale.model.compile import compile_blocks as compile_model_blocks
 
     _reset_memory(device)
@@ -167,12 +168,13 @@ def plain_step(cfg, device: torch.device, warmup: int, steps: int, compile_block
         compile_model_blocks(model)
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=1e-4, betas=cfg.optim.betas,
                             fused=device.type == "cuda")
+    critic = ClubCritic(cfg, device) if cfg.loss.w_min > 0 else None  # CLUB's q, its own Adam
     images = next(iter(SyntheticLoader(cfg, 0, 1, device)))["images"].float()
     gen = torch.Generator(device).manual_seed(0)
 
     def forward():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            return model(images, generator=gen).loss
+            return model(images, generator=gen, critic=critic).loss
 
     def optimizer_step():
         opt.step()
