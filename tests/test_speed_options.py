@@ -53,8 +53,10 @@ def test_precision_modes_agree_with_fp32(tmp_path):
     assert set(amp["dtypes"].values()) == {torch.float32}
     assert bf16["dtypes"]["weights"] == bf16["dtypes"]["norm"] == torch.bfloat16  # (buffers: DeepSpeed's choice)
     for name in ("loss", "rec", "max", "min", "q"):
+        # L_min is a difference of two NLL-sized sums that nearly cancel: its rounding scales with q
+        size = abs(fp32["q"]) if name == "min" else abs(fp32[name])
         for mode, got in (("amp", amp), ("bf16", bf16)):
-            assert got[name] == pytest.approx(fp32[name], rel=3e-2, abs=1e-3), (mode, name)
+            assert abs(got[name] - fp32[name]) <= 3e-2 * size + 1e-3, (mode, name, got[name], fp32[name])
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton kernels on the CPU need the interpreter")
@@ -63,7 +65,8 @@ def test_amp_with_the_kernels_matches_the_references(tmp_path):
     reference = _one_step(tmp_path, "amp", "off")
     kernels = _one_step(tmp_path, "amp", "on")
     for name in ("loss", "rec", "max", "min", "q"):
-        assert kernels[name] == pytest.approx(reference[name], rel=1e-2, abs=1e-3), name
+        size = abs(reference["q"]) if name == "min" else abs(reference[name])
+        assert abs(kernels[name] - reference[name]) <= 1e-2 * size + 1e-3, (name, kernels[name], reference[name])
 
 
 @pytest.mark.slow  # inductor compiles two blocks forward and backward: ~1 min on 2 cores
