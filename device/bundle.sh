@@ -12,8 +12,8 @@ cd "$root"
 py=${BUNDLE_PYTHON:-3.12}
 out=${BUNDLE_DIR:-.device_bundle}
 python=${PYTHON:-python3}
-# One call carries 64 MiB together with the working tree (<1 MiB here); call 1 also carries wheels/.
-budget=$((63 * 1024 * 1024))
+# One call carries 64 MiB together with the working tree (~1 MiB): 62 MiB for bundle files, call 1 included wheels/.
+budget=$((62 * 1024 * 1024))
 plat=(--only-binary=:all: --python-version "$py" --implementation cp --platform manylinux_2_28_x86_64
       --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 # What the GPU image lacks (its package list: docs/GPU.md), at the versions CI tests with.

@@ -12,15 +12,15 @@ stage=${MIMAE_STAGE:-/tmp/mimae_stage}
 mkdir -p "$stage/parts"
 pip_offline() { "$py" -m pip install -q --no-index --no-cache-dir --disable-pip-version-check "$@"; }
 
+for part in "$here"/parts/dali.tar.xz.*; do  # first: a failed install below must not lose the part
+  if [[ -f $part ]]; then cp "$part" "$stage/parts/"; fi
+done
 if [[ -d $here/wheels ]]; then
   rm -rf "$stage/wheels" && cp -r "$here/wheels" "$stage/wheels"
   pip_offline --find-links "$stage/wheels" deepspeed webdataset prometheus-client
   pip_offline --no-deps --force-reinstall "$stage"/wheels/mimae_scale-*.whl
   echo "install.sh: DeepSpeed, webdataset, prometheus-client and mimae-scale installed (DALI not yet)"
 fi
-for part in "$here"/parts/dali.tar.xz.*; do
-  if [[ -f $part ]]; then cp "$part" "$stage/parts/"; fi
-done
 missing=()
 while read -r kind name _ sha; do
   [[ $kind == part ]] || continue
