@@ -3,7 +3,7 @@
 # calls as the bundle has parts (docs/GPU.md); run it at the start of every call. What arrives is
 # kept in $MIMAE_STAGE (default /tmp/mimae_stage), which lasts as long as the machine stays warm.
 #   wheels/ carried (call 1): DeepSpeed, webdataset, prometheus-client and the project (no DALI yet)
-#   every part of MANIFEST staged (last call): DALI, then the project with all its dependencies
+#   every part of MANIFEST staged (last call): DALI, then an import of everything the project needs
 # Nothing is fetched: pip runs with --no-index, from the bundle and what the image already has.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -35,9 +35,10 @@ elif ! "$py" -c "import nvidia.dali" 2>/dev/null; then
   rm -rf "$stage/dali"
   cat "$stage"/parts/dali.tar.xz.* | xz -d -T0 | tar -x -C "$stage"
   pip_offline --find-links "$stage/dali" --find-links "$stage/wheels" nvidia-dali-cuda130
-  pip_offline --find-links "$stage/dali" --find-links "$stage/wheels" "$stage"/wheels/mimae_scale-*.whl
-  "$py" -c "import nvidia.dali, deepspeed, webdataset, mimae_scale.kernels"
-  echo "install.sh: DALI installed; mimae-scale and every dependency present"
+  # the project itself went in with --no-deps (call 1): re-resolving its whole tree would make pip
+  # re-judge the image's own packages (timm -> huggingface-hub -> ...); importing is the check
+  "$py" -c "import nvidia.dali, deepspeed, webdataset, prometheus_client, timm, mimae_scale.kernels"
+  echo "install.sh: DALI installed; DALI, DeepSpeed, webdataset, timm and the kernels import"
 else
   echo "install.sh: DALI already installed"
 fi
