@@ -20,7 +20,7 @@ TEST_ENV := TRITON_INTERPRET=1 TORCH_EXTENSIONS_DIR=$(EXT_DIR)
 # forever; nothing builds before a target starts, so any lock found then is stale.
 CLEAR_STALE_LOCKS := find $(EXT_DIR) -name lock -delete 2>/dev/null || true
 
-.PHONY: setup test lint clean demo
+.PHONY: setup test lint clean demo device-bundle
 
 DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
@@ -59,6 +59,10 @@ demo: $(STAMP)
 		--random-init --train $(DEMO_DIR)/shards/train --val $(DEMO_DIR)/shards/val --device cpu \
 		--out $(DEMO_DIR)/eval.json
 	$(DEMO_ENV) $(BIN)/mimae-viz $(DEMO_DIR)/run $(DEMO_DIR)/shards/val $(DEMO_DIR)/recon.png
+
+# The offline bundle for a fresh GPU machine (docs/GPU.md): BUNDLE_PYTHON=3.11 for a rehearsal here.
+device-bundle:
+	bash device/bundle.sh
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

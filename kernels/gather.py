@@ -41,38 +41,28 @@ def _gather_visible_fwd(
 
 @triton.jit
 def _gather_visible_bwd(
-    grad_out_ptr, slot_ptr, grad_tokens_ptr, grad_pos_partial_ptr,
-    B, N, D, K, L, images_per_split,
-    WRITE_TOKENS: tl.constexpr, WRITE_POS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    grad_out_ptr, slot_ptr, grad_tokens_ptr,
+    num_tokens, N, D, K, L,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # One program owns patches n x columns d for a run of images, so it can sum the K masks of an
-    # image into grad_tokens and those images into its pos_embed partial without atomics.
+    # Parallel over the token gradient's rows: a program owns BLOCK_T (image, patch) rows x BLOCK_D
+    # columns, and a row's gradient is the sum of the at most K gathered rows it was copied to, so
+    # each element is written by exactly one program with no atomics and no loop over images.
     # slot[r, n] = where patch n sits among row r's visible tokens, -1 when hidden.
-    # int64 offsets: B*N*D overflows int32 at large batches (loop counters are plain ints)
-    n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # flat b*N + n; int64 offsets
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    split = tl.program_id(2)
-    n_ok = n < N
-    ok = n_ok[:, None] & (d < D)[None, :]
-    first = split * images_per_split
-    last = tl.minimum(first + images_per_split, B)
-    pos_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for b in range(first, last):
-        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for k in range(K):
-            row = b * K + k
-            j = tl.load(slot_ptr + row * N + n, mask=n_ok, other=-1).to(tl.int64)
-            seen = ok & (j >= 0)[:, None]
-            g = tl.load(grad_out_ptr + (row * L + j)[:, None] * D + d[None, :], mask=seen, other=0.0)
-            acc += g.to(tl.float32)
-        if WRITE_TOKENS:
-            dst = grad_tokens_ptr + (b * N + n)[:, None] * D + d[None, :]
-            tl.store(dst, acc.to(grad_tokens_ptr.dtype.element_ty), mask=ok)
-        pos_acc += acc
-    if WRITE_POS:
-        dst = grad_pos_partial_ptr + (split * N + n)[:, None] * D + d[None, :]
-        tl.store(dst, pos_acc, mask=ok)
+    t_ok = t < num_tokens
+    ok = t_ok[:, None] & (d < D)[None, :]
+    b = t // N
+    n = t % N
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for k in range(K):
+        row = b * K + k
+        j = tl.load(slot_ptr + row * N + n, mask=t_ok, other=-1).to(tl.int64)
+        seen = ok & (j >= 0)[:, None]
+        g = tl.load(grad_out_ptr + (row * L + j)[:, None] * D + d[None, :], mask=seen, other=0.0)
+        acc += g.to(tl.float32)
+    tl.store(grad_tokens_ptr + t[:, None] * D + d[None, :], acc.to(grad_tokens_ptr.dtype.element_ty), mask=ok)
 
 
 @tuning.heuristic("gather_visible_fwd")
@@ -83,12 +73,9 @@ def _gather_fwd_launch(tokens: int, dim: int) -> tuning.Launch:
 
 
 @tuning.heuristic("gather_visible_bwd")
-def _gather_bwd_launch(images: int, patches: int, dim: int) -> tuning.Launch:
-    block_d = tuning.pow2(dim, hi=1024)
-    block_n = min(tuning.pow2(patches), max(1, 4096 // block_d))
-    tiles = triton.cdiv(patches, block_n) * triton.cdiv(dim, block_d)
-    split = max(1, min(images, tuning.TARGET_PROGRAMS // tiles))
-    return tuning.Launch(meta={"BLOCK_N": block_n, "BLOCK_D": block_d}, num_warps=4, split=split)
+def _gather_bwd_launch(tokens: int, dim: int) -> tuning.Launch:
+    """Same tiling as the forward, over the B*N rows of the token gradient."""
+    return _gather_fwd_launch(tokens=tokens, dim=dim)
 
 
 def _visible_slots(ids_keep: torch.Tensor, num_patches: int) -> torch.Tensor:
@@ -126,19 +113,18 @@ class _GatherVisible(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         device = grad_out.device
         slot = _visible_slots(ids_keep, num_patches)
-        cfg = tuning.launch("gather_visible_bwd", images=batch, patches=num_patches, dim=dim)
-        images_per_split = triton.cdiv(batch, cfg.split)
-        split = triton.cdiv(batch, images_per_split)
-        grad_tokens = _alloc.empty((batch, num_patches, dim), ctx.dtypes[0], device) if want_tokens else None
-        partial = _alloc.empty((split, num_patches, dim), torch.float32, device) if want_pos else None
-        grid = (triton.cdiv(num_patches, cfg.meta["BLOCK_N"]), triton.cdiv(dim, cfg.meta["BLOCK_D"]), split)
+        # A learned pos_embed (the model's is a fixed buffer) sums the token gradient over images: kept
+        # in float32 for that sum, so a bf16 token gradient is rounded once, after it.
+        dtype = torch.float32 if want_pos else ctx.dtypes[0]
+        grad = _alloc.empty((batch, num_patches, dim), dtype, device)
+        cfg = tuning.launch("gather_visible_bwd", tokens=batch * num_patches, dim=dim)
+        grid = (triton.cdiv(batch * num_patches, cfg.meta["BLOCK_T"]), triton.cdiv(dim, cfg.meta["BLOCK_D"]))
         _gather_visible_bwd[grid](
-            grad_out, slot, grad_tokens, partial,
-            batch, num_patches, dim, num_masks, ids_keep.shape[1], images_per_split,
-            WRITE_TOKENS=want_tokens, WRITE_POS=want_pos,
+            grad_out, slot, grad, batch * num_patches, num_patches, dim, num_masks, ids_keep.shape[1],
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta,
         )
-        grad_pos = partial.sum(dim=0).to(ctx.dtypes[1]) if want_pos else None
+        grad_pos = grad.sum(dim=0).to(ctx.dtypes[1]) if want_pos else None
+        grad_tokens = grad.to(ctx.dtypes[0]) if want_tokens else None
         return grad_tokens, None, grad_pos, None
 
 

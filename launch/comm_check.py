@@ -113,7 +113,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
         ds_config = build_ds_config(cfg, world, torch.device("cpu"))
         ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = PERSISTENCE
         ds_config["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True, "debug": False}
-        optimizer = build_optimizer(model, cfg, wrapped_by_deepspeed=stage > 0)
+        optimizer = build_optimizer(model, cfg, wrapped_by_deepspeed=stage > 0, device=torch.device("cpu"))
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         images = torch.randn(micro, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
         for step in range(WARMUP_STEPS + args.steps):

@@ -1,5 +1,7 @@
 """``mimae-bench``: throughput benchmarks that always measure their reference in the same run.
 
+``mimae-bench gpu``: every part of the system proved and timed on one device (mimae_scale.gpubench).
+
 ``mimae-bench shards``: ``mimae-shards build`` images/s (one worker, so per core) on generated
 ImageNet-sized JPEGs (10% progressive, which are re-encoded), beside the floor of any validating
 builder: reading and fully decoding the same files with PIL.
@@ -212,6 +214,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--images", type=int, default=600)
     s.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is shown")
     s.set_defaults(func=cmd_shards)
+
+    from mimae_scale import gpubench
+
+    g = sub.add_parser("gpu", help="prove and time every part of the system on this device (--smoke: tiny, CI)")
+    gpubench.add_arguments(g)
+    g.set_defaults(func=gpubench.main)
     return p
 
 

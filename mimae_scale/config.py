@@ -125,7 +125,10 @@ class TrainConfig:
 @dataclass
 class EngineConfig:
     zero_stage: int = 1
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 on GPU, fp32 on CPU. bf16: DeepSpeed's bf16 mode (the whole module in bf16, fp32 master
+    # copy in the optimiser); amp: fp32 weights and buffers, the forward under bf16 autocast (docs/PERFORMANCE.md)
+    precision: Literal["auto", "bf16", "amp", "fp32"] = "auto"
+    compile: bool = False  # torch.compile each transformer block (model.compile_blocks); not fingerprinted
     # Communication tuning (docs/SCALING.md), passed to DeepSpeed's zero_optimization; null keeps
     # DeepSpeed's own default. Sizes are elements, not bytes.
     overlap_comm: bool | None = None  # reduce gradient buckets during the backward
@@ -151,7 +154,9 @@ class MetricsConfig:
     enabled: bool = True
     port_base: int = 9410  # exporter of local rank r on port_base + r; 9400 is the DCGM exporter's default
     bind_address: str = "127.0.0.1"
-    peak_tflops: float | None = None  # MFU denominator; a per-GPU default when unset
+    peak_tflops: float | None = None  # the data sheet's dense bf16 peak (second MFU); a per-GPU default when unset
+    # MFU denominator: a bf16 matmul rate this GPU reaches. null: measured at start (flops.measure_matmul_tflops)
+    ceiling_tflops: float | None = None
     job: str = ""  # Prometheus `job` label; empty: $SLURM_JOB_NAME, else the run directory's name
 
 
@@ -403,8 +408,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(c.every_minutes > 0, "checkpoint.every_minutes", "must be positive")
     _check(c.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
     _check(0 < cfg.metrics.port_base < 65536, "metrics.port_base", "must be a TCP port")
-    _check(cfg.metrics.peak_tflops is None or cfg.metrics.peak_tflops > 0, "metrics.peak_tflops",
-           "must be positive or null")
+    for name in ("peak_tflops", "ceiling_tflops"):
+        value = getattr(cfg.metrics, name)
+        _check(value is None or value > 0, f"metrics.{name}", "must be positive or null")
     _check(re.fullmatch(r"[A-Za-z0-9_.:-]*", cfg.metrics.job) is not None, "metrics.job",
            f"{cfg.metrics.job!r}: use letters, digits and _ . : - only (it becomes a label value and a file name)")
     _check(cfg.eval.knn_every_epochs >= 0, "eval.knn_every_epochs", "must be >= 0")

@@ -1,4 +1,5 @@
-"""Model FLOPs of an MI-MAE training step, and the peak the model-FLOP utilisation (MFU) divides by.
+"""Model FLOPs of an MI-MAE training step, and what the model-FLOP utilisation (MFU) divides by: a
+measured bf16 matmul ceiling (:func:`measure_matmul_tflops`), and the data sheet's peak beside it.
 
 Convention (TARGETS.md): 6 FLOPs per matmul parameter per token through it (2 forward, 4
 backward) plus attention's 12 x T^2 x width per layer and sequence (QK^T and AV: 4 T^2 d forward,
@@ -11,6 +12,10 @@ as the convention does for every matmul.
 """
 
 from __future__ import annotations
+
+import time
+
+import torch
 
 from mimae_scale.config import Config
 from mimae_scale.masking import num_visible
@@ -65,6 +70,31 @@ def train_flops_per_image(cfg: Config) -> float:
 
     attention = m.depth * k * enc_tokens**2 * m.embed_dim + m.decoder_depth * k * dec_tokens**2 * m.decoder_embed_dim
     return 6.0 * matmul + 12.0 * attention
+
+
+def measure_matmul_tflops(device: torch.device, size: int = 8192, iters: int = 10) -> float:
+    """The bf16 matmul rate this device reaches (TFLOP/s): the mean of ``iters`` size^3 products on
+    random data after three warm-ups, timed with CUDA events on a GPU. MFU divides by this ceiling
+    rather than by the data sheet (an H200's measured 739-790 against 989 on paper)."""
+    gen = torch.Generator(device).manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=gen).to(torch.bfloat16)
+    b = torch.randn(size, size, device=device, generator=gen).to(torch.bfloat16)
+    for _ in range(3):
+        torch.mm(a, b)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            torch.mm(a, b)
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        began = time.perf_counter()
+        for _ in range(iters):
+            torch.mm(a, b)
+        seconds = time.perf_counter() - began
+    return 2.0 * size**3 * iters / seconds / 1e12
 
 
 def default_peak_tflops(device_name: str | None) -> float | None:

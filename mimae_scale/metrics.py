@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 import mimae_scale
 from mimae_scale.config import Config, grad_accumulation
 from mimae_scale.engine.reporting import StepTiming
-from mimae_scale.flops import default_peak_tflops, tokens_per_image, train_flops_per_image
+from mimae_scale.flops import default_peak_tflops, measure_matmul_tflops, tokens_per_image, train_flops_per_image
 
 log = logging.getLogger("mimae_scale.metrics")
 
@@ -94,6 +94,10 @@ class TrainingMetrics:
         self._cuda = torch.cuda.is_available()
         device_name = torch.cuda.get_device_name() if self._cuda else None
         self.peak_tflops = cfg.metrics.peak_tflops or default_peak_tflops(device_name)
+        # MFU's denominator: the configured ceiling, else one measured now on a GPU (~1 s), none on a CPU
+        self.ceiling_tflops = cfg.metrics.ceiling_tflops or (
+            measure_matmul_tflops(torch.device("cuda", torch.cuda.current_device())) if self._cuda else None
+        )
         self._total_steps: int | None = None
         self._window_images = 0
         self._window_seconds = 0.0
@@ -118,6 +122,7 @@ class TrainingMetrics:
             "grad_accumulation": str(grad_accumulation(cfg, world_size)),
             "world_size": str(world_size),
             "peak_tflops": f"{self.peak_tflops:g}" if self.peak_tflops else "none",
+            "ceiling_tflops": f"{self.ceiling_tflops:.4g}" if self.ceiling_tflops else "none",
             "device": device_name or "cpu",
             "config_fingerprint": cfg.fingerprint(),
             "version": mimae_scale.__version__,
@@ -141,7 +146,13 @@ class TrainingMetrics:
         )
         self._flops_per_s = gauge("mimae_model_flops_per_second", "This rank's model FLOP/s (docs/METRICS.md).")
         self._mfu = (
-            gauge("mimae_model_flops_utilization_ratio", "Model FLOP/s over the peak in mimae_run_info (0-1).")
+            gauge("mimae_model_flops_utilization_ratio",
+                  "Model FLOP/s over the measured bf16 matmul ceiling in mimae_run_info (0-1).")
+            if self.ceiling_tflops else None
+        )
+        self._mfu_datasheet = (
+            gauge("mimae_model_flops_utilization_datasheet_ratio",
+                  "Model FLOP/s over the data sheet's peak in mimae_run_info (0-1).")
             if self.peak_tflops else None
         )
         self._loss = Gauge("mimae_loss", "Training loss: total (the encoder's objective w_rec*rec + w_max*max + "
@@ -243,7 +254,9 @@ class TrainingMetrics:
             flops = images_per_s * self._flops_per_image
             self._flops_per_s.set(flops)
             if self._mfu is not None:
-                self._mfu.set(flops / (self.peak_tflops * 1e12))
+                self._mfu.set(flops / (self.ceiling_tflops * 1e12))
+            if self._mfu_datasheet is not None:
+                self._mfu_datasheet.set(flops / (self.peak_tflops * 1e12))
         self._window_images, self._window_seconds = 0, 0.0
 
         step = _number("step", record["step"])

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from mimae_scale.config import load_config
-from mimae_scale.engine.distributed import free_port
+from mimae_scale.engine.distributed import destroy_process_group, free_port
 from mimae_scale.model import build_model
 
 
@@ -27,13 +27,7 @@ def single_process_group():
         yield
     finally:
         if created:
-            dist.destroy_process_group()
-            # DeepSpeed caches the groups it derived (world, data parallel); the next group needs new ones
-            from deepspeed.utils import groups
-
-            for name, value in list(vars(groups).items()):
-                if isinstance(value, dist.ProcessGroup):
-                    setattr(groups, name, None)
+            destroy_process_group()
 
 
 def train_and_save(run_dir: Path, config: str, stage: int, seed: int, overrides: tuple[str, ...] = ()) -> dict:

@@ -181,9 +181,9 @@ def test_gather_visible(gen, shape, dtype, pos_dtype):
 
 
 def test_gather_visible_multi_tile(gen, small_tiles):
-    """Partial tiles in every dimension and a 3-way split of the pos_embed reduction."""
+    """Partial tiles in every dimension; tiles of the token gradient that span two images."""
     small_tiles("gather_visible_fwd", tuning.Launch(meta={"BLOCK_T": 8, "BLOCK_D": 16}))
-    small_tiles("gather_visible_bwd", tuning.Launch(meta={"BLOCK_N": 4, "BLOCK_D": 16}, split=3))
+    small_tiles("gather_visible_bwd", tuning.Launch(meta={"BLOCK_T": 8, "BLOCK_D": 16}))
     ids_keep, _, tokens, pos = _gather_case(gen, 7, 11, 40, 2, 0.6, "independent", torch.float32)
     out = kernels.gather_visible(tokens, ids_keep, pos, 2)
     upstream = torch.randn(out.shape, generator=gen)
@@ -194,6 +194,22 @@ def test_gather_visible_multi_tile(gen, small_tiles):
     assert_close(out, expected, TOL[torch.float32], "output")
     assert_close(d_tokens, e_tokens, TOL[torch.float32], "grad tokens")
     assert_close(d_pos, e_pos, TOL[torch.float32], "grad pos_embed")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_visible_fixed_pos_embed(gen, small_tiles, dtype):
+    """The model's case: pos_embed a float32 buffer without gradient, so the token gradient is written
+    straight in the tokens' dtype (no float32 buffer); 8-row tiles over 5 images of 11 patches."""
+    small_tiles("gather_visible_bwd", tuning.Launch(meta={"BLOCK_T": 8, "BLOCK_D": 16}))
+    ids_keep, _, tokens, pos = _gather_case(gen, 5, 11, 40, 3, 0.7, "independent", dtype)
+    pos.requires_grad_(False)
+    out = kernels.gather_visible(tokens, ids_keep, pos, 3)
+    upstream = torch.randn(out.shape, generator=gen).to(dtype)
+    (d_tokens,) = grads(out, [tokens], upstream)
+    tokens64 = f64(tokens)
+    expected = masking.gather_visible(tokens64, ids_keep, pos.double(), 3)
+    assert d_tokens.dtype == dtype
+    assert_close(d_tokens, grads(expected, [tokens64], upstream.double())[0], TOL[dtype], "grad tokens")
 
 
 def test_gather_visible_rejects_repeated_ids(gen):

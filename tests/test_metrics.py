@@ -134,7 +134,7 @@ def test_exporter_values_labels_and_promtool(seed):
     require_prometheus()
     rng = random.Random(seed)
     base = free_port_block(2)
-    cfg = _tiny(base, "metrics.peak_tflops=0.5")
+    cfg = _tiny(base, "metrics.peak_tflops=0.5", "metrics.ceiling_tflops=0.4")
     metrics = TrainingMetrics(cfg, rank=3, local_rank=1, world_size=2, node="nodeA")
     assert metrics.start(total_steps=40)
     try:
@@ -177,7 +177,8 @@ def test_exporter_values_labels_and_promtool(seed):
     assert math.isclose(_one(fam, "mimae_tokens_per_second"), rate * tokens_per_image(cfg), rel_tol=1e-9)
     flops = rate * train_flops_per_image(cfg)
     assert math.isclose(_one(fam, "mimae_model_flops_per_second"), flops, rel_tol=1e-9)
-    assert math.isclose(_one(fam, "mimae_model_flops_utilization_ratio"), flops / 0.5e12, rel_tol=1e-9)
+    assert math.isclose(_one(fam, "mimae_model_flops_utilization_ratio"), flops / 0.4e12, rel_tol=1e-9)
+    assert math.isclose(_one(fam, "mimae_model_flops_utilization_datasheet_ratio"), flops / 0.5e12, rel_tol=1e-9)
     for term in ("rec", "max", "min", "q"):
         assert _one(fam, "mimae_loss", term=term) == record[f"loss_{term}"]
     assert _one(fam, "mimae_loss", term="total") == record["loss"]
@@ -198,7 +199,7 @@ def test_exporter_values_labels_and_promtool(seed):
     info = fam["mimae_run_info"][0].labels
     assert (info["num_masks"], info["zero_stage"], info["world_size"]) == ("4", "1", "2")
     assert (info["micro_batch"], info["global_batch"], info["grad_accumulation"]) == ("32", "64", "1")
-    assert info["peak_tflops"] == "0.5" and info["version"]
+    assert info["peak_tflops"] == "0.5" and info["ceiling_tflops"] == "0.4" and info["version"]
     assert "process_resident_memory_bytes" in fam
     if not torch.cuda.is_initialized():
         assert "mimae_gpu_memory_allocated_bytes" not in fam  # declared, but no series on a CPU run
@@ -223,6 +224,7 @@ def test_no_mfu_without_a_peak_on_cpu():
     names = {s.name for m in metrics.registry.collect() for s in m.samples}
     assert "mimae_model_flops_per_second" in names
     assert "mimae_model_flops_utilization_ratio" not in names
+    assert "mimae_model_flops_utilization_datasheet_ratio" not in names
 
 
 def test_tensors_are_refused_and_counts_only_grow(caplog):

@@ -119,7 +119,7 @@ def is_dcgm(expr: str) -> bool:
 def exported_metric_names() -> set[str]:
     """Every series name our exporter can produce, read from a real registry (CUDA-only families
     are declared even on a CPU run, so their names are listed too)."""
-    cfg = load_config("tiny", ["metrics.peak_tflops=1"])
+    cfg = load_config("tiny", ["metrics.peak_tflops=1", "metrics.ceiling_tflops=1"])
     metrics = TrainingMetrics(cfg, rank=0, local_rank=0, world_size=1, node="n")
     names = set()
     for family in metrics.registry.collect():

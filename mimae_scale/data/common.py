@@ -11,6 +11,7 @@ import torch
 
 from mimae_scale.config import Config
 from mimae_scale.data.shardset import ShardSet, padded_steps, shard_sizes
+from mimae_scale.precision import input_dtype, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -18,10 +19,16 @@ EVAL_CROP_FRACTION = 0.875  # eval: resize the shorter side to size / 0.875, cen
 
 
 def training_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """bf16 images when the engine trains in bf16 (``engine.precision`` auto on a GPU), else fp32."""
-    precision = cfg.engine.precision
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.bfloat16 if bf16 else torch.float32
+    """The images' dtype in training: bf16 under DeepSpeed's bf16 mode, else fp32 (mimae_scale.precision)."""
+    return input_dtype(resolve_precision(cfg, device))
+
+
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host batch to the device without stalling the host: from pinned memory, non-blocking.
+    (A copy from pageable memory is synchronous whatever ``non_blocking`` says.)"""
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, dtype, non_blocking=True)
 
 
 def tar_order(seed: int, epoch: int, num_tars: int) -> list[int]:

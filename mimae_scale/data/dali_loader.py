@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from mimae_scale.config import Config
-from mimae_scale.data.common import EVAL_CROP_FRACTION, ShardLoader, tar_order
+from mimae_scale.data.common import EVAL_CROP_FRACTION, ShardLoader, tar_order, to_device
 from mimae_scale.data.shardset import valid_mask
 
 log = logging.getLogger(__name__)
@@ -217,9 +217,9 @@ class DaliLoader(ShardLoader):
             valid = torch.tensor(valid_mask(self.share_sizes[self.rank], self.batch_in_epoch, self.batch_size))
             self.batch_in_epoch += 1
             yield {
-                "images": out["images"].to(self.device, self.dtype, non_blocking=True),
-                "labels": labels_from_ascii(out["labels"]).to(self.device, non_blocking=True),
-                "valid": valid.to(self.device, non_blocking=True),
+                "images": to_device(out["images"], self.device, self.dtype),  # mixed decode: already there
+                "labels": to_device(labels_from_ascii(out["labels"]), self.device),
+                "valid": to_device(valid, self.device),
             }
 
     def state_dict(self) -> dict[str, Any]:

@@ -7,15 +7,22 @@ from typing import Any
 import torch
 
 from mimae_scale.config import Config
+from mimae_scale.data.common import training_dtype
 
 
 class SyntheticLoader:
-    """Batch b of epoch e on rank r is a pure function of (seed, e, b, r): resuming is exact."""
+    """Batch b of epoch e on rank r is a pure function of (seed, e, b, r): resuming is exact.
+
+    The images are drawn on the device itself (a GPU run copies nothing from the host per step), in
+    the training dtype, so the backend measures the model and not a host-to-device copy. A CPU and
+    a CUDA generator draw different numbers from the same seed.
+    """
 
     def __init__(self, cfg: Config, rank: int, world_size: int, device: torch.device) -> None:
         self.cfg = cfg
         self.rank = rank
         self.device = device
+        self.dtype = training_dtype(cfg, device)
         self.steps_per_epoch = cfg.train.steps_per_epoch or 100
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -23,10 +30,11 @@ class SyntheticLoader:
     def _batch(self) -> dict[str, torch.Tensor]:
         m = self.cfg.model
         seed = hash((self.cfg.seed, self.epoch, self.batch_in_epoch, self.rank)) & 0x7FFFFFFF
-        gen = torch.Generator().manual_seed(seed)
-        images = torch.randn(self.cfg.train.micro_batch, m.in_chans, m.img_size, m.img_size, generator=gen)
-        labels = torch.randint(0, 10, (self.cfg.train.micro_batch,), generator=gen)
-        return {"images": images.to(self.device), "labels": labels.to(self.device)}
+        gen = torch.Generator(self.device).manual_seed(seed)
+        b = self.cfg.train.micro_batch
+        images = torch.randn(b, m.in_chans, m.img_size, m.img_size, generator=gen, device=self.device)
+        labels = torch.randint(0, 10, (b,), generator=gen, device=self.device)
+        return {"images": images.to(self.dtype), "labels": labels}
 
     def __iter__(self):
         while self.batch_in_epoch < self.steps_per_epoch:

@@ -94,3 +94,15 @@ def init_process_group(env: DistEnv, device: torch.device) -> None:
     export_rendezvous(env)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                auto_mpi_discovery=False, rank=env.rank, world_size=env.world_size)
+
+
+def destroy_process_group() -> None:
+    """End this process's group and forget the groups DeepSpeed derived from it (world, data
+    parallel), which it caches: a later group in the same process (tests, benchmarks) needs new ones."""
+    from deepspeed.utils import groups
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for name, value in list(vars(groups).items()):
+        if isinstance(value, dist.ProcessGroup):
+            setattr(groups, name, None)

@@ -9,17 +9,10 @@ from typing import Any
 import torch
 
 from mimae_scale.config import Config, grad_accumulation
+from mimae_scale.precision import resolve_precision
 
 # We print our own progress line and metrics; DeepSpeed's would duplicate them every N steps.
 _NEVER = 2**62
-
-
-def resolve_precision(cfg: Config, device: torch.device) -> str:
-    """``auto`` means bf16 on a GPU and fp32 on a CPU (bf16 matmuls are slow on most CPUs)."""
-    precision = cfg.engine.precision
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
 
 
 # Our engine.* communication settings and DeepSpeed's names for them (docs/SCALING.md).
@@ -51,7 +44,7 @@ def build_ds_config(cfg: Config, world_size: int, device: torch.device) -> dict[
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
         "gradient_accumulation_steps": accumulation,
         "zero_optimization": zero_optimization(cfg),
-        "bf16": {"enabled": precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16"},  # amp: an fp32 module to DeepSpeed, autocast in our forward
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
         # our checkpoint tags are "step_<n>", identical on every rank by construction

@@ -38,7 +38,7 @@ from mimae_scale.engine.checkpoint import (
     set_rng_state,
 )
 from mimae_scale.engine.distributed import DistEnv, init_process_group, pick_device
-from mimae_scale.engine.ds_config import build_ds_config, resolve_precision, write_ds_config
+from mimae_scale.engine.ds_config import build_ds_config, write_ds_config
 from mimae_scale.engine.optim import LRSchedule, build_optimizer, peak_lr
 from mimae_scale.engine.reporting import ConsoleSink, JsonlSink, MetricsSink, StepTiming
 from mimae_scale.engine.signals import StopRequest
@@ -46,6 +46,8 @@ from mimae_scale.evaluation.online import knn_due, online_knn
 from mimae_scale.metrics import LOSS_TERMS, TrainingMetrics
 from mimae_scale.model import build_model
 from mimae_scale.model.club import ClubCritic, min_weight
+from mimae_scale.model.compile import compile_blocks
+from mimae_scale.precision import autocast, input_dtype, resolve_precision
 
 log = logging.getLogger("mimae_scale.engine")
 
@@ -138,14 +140,16 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg)
+        if cfg.engine.compile:
+            compile_blocks(model)
         # CLUB's q: outside the engine, with its own optimiser (mimae_scale.model.club)
         self.critic = ClubCritic(cfg, self.device) if cfg.loss.w_min > 0 else None
         # DeepSpeed checks non-finite gradients itself whenever it wraps the optimiser (ZeRO 1-3, bf16)
         wrapped = cfg.engine.zero_stage > 0 or self.precision == "bf16"
-        optimizer = build_optimizer(model, cfg, wrapped_by_deepspeed=wrapped)
+        optimizer = build_optimizer(model, cfg, wrapped_by_deepspeed=wrapped, device=self.device)
         self.ds_config = build_ds_config(cfg, env.world_size, self.device)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
-        self.input_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.input_dtype = input_dtype(self.precision)
 
         random.seed(cfg.seed + env.rank)
         np.random.seed(cfg.seed + env.rank)
@@ -217,8 +221,10 @@ class Trainer:
         term_sums: dict[str, torch.Tensor] = {}
         for micro, batch in enumerate(micro_batches):
             generator = torch.Generator(self.device).manual_seed(mask_seed(self.cfg.seed, self.env.rank, number, micro))
-            out = self.engine(batch["images"].to(self.input_dtype, non_blocking=True), generator=generator,
-                              valid=batch.get("valid"), critic=self.critic, w_min=w_min)
+            images = batch["images"].to(self.device, self.input_dtype, non_blocking=True)  # loaders pin host batches
+            with autocast(self.precision, self.device):
+                out = self.engine(images, generator=generator, valid=batch.get("valid"), critic=self.critic,
+                                  w_min=w_min)
             loss = out.loss * float("nan") if number in self.nan_steps else out.loss
             # A non-finite loss must give non-finite gradients (DeepSpeed's skip test looks at those),
             # even when a term's gradient happens to stay finite. x1.0 is exact, so finite steps are unchanged.

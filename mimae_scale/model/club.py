@@ -84,7 +84,9 @@ class ClubCritic:
         ``club_q_gain`` is, per dim and in nats, the NLL of a z-independent Gaussian fitted to the
         batch minus q's NLL: above 0 means q uses z (the 2 pi constants cancel)."""
         z = z.detach().float()
-        with torch.enable_grad():  # q trains even inside a no-grad forward of the model
+        # q trains even inside a no-grad forward of the model, and in fp32 under amp's autocast too (as
+        # under DeepSpeed's bf16, where it is outside the engine): Adam turns bf16 noise into steps
+        with torch.enable_grad(), torch.autocast(z.device.type, enabled=False):
             for _ in range(self.club.q_steps):
                 mu, logvar = self.net(z)
                 nll = self._reduce(over_valid_rows(impl.gaussian_nll, weight, mu, logvar, x), x)
@@ -111,7 +113,8 @@ class ClubCritic:
                     impl) -> torch.Tensor:
         """L_min: the CLUBSample estimate with q's parameters detached, so it moves the encoder only
         (through q's mean alone with ``mi.club.detach_logvar``)."""
-        mu, logvar = self.net(z.float(), detach_params=True)
+        with torch.autocast(z.device.type, enabled=False):  # fp32, as in fit
+            mu, logvar = self.net(z.float(), detach_params=True)
         if self.club.detach_logvar:
             logvar = logvar.detach()
         return self._reduce(over_valid_rows(impl.club_upper_bound, weight, mu, logvar, x, perm=perm), x)
