@@ -1,0 +1,177 @@
+"""Scale-out on a real two-node Slurm cluster (``slurm_netns.py``: one network namespace per node).
+
+One job of the real ``launch/vit_l_1600ep.sh`` (tiny CPU config, one rank per node) lives through
+what only happens across machines: ``sbatch --nodes=2`` -> the ranks meet at the first node of the
+job's node list from the other namespace, train and checkpoint; Prometheus scrapes each rank on its
+own node through the targets file the launcher wrote, and every dashboard query has a series per
+rank -> USR2 to the batch shell: every rank checkpoints, the job requeues and resumes on two nodes
+-> USR2 again, and the requeued job, shrunk to one node while pending, resumes on one rank where the
+two left off (step, loss, data position).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_tools import PrometheusServer, require_prometheus
+from slurm_cluster import SlurmError, ensure_installed
+from slurm_netns import NamespacesUnavailable, NetnsSlurmCluster
+from test_monitoring_config import dashboard_queries, is_dcgm
+from test_monitoring_e2e import RATE_WINDOW, check_query, prometheus_config
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER = REPO / "launch" / "vit_l_1600ep.sh"
+JOB_NAME = "mimae_vit_l16_1600ep"  # the launcher's #SBATCH --job-name: the metrics' job label
+NODES = 2
+LOG_EVERY = 2
+METRICS_PORT = 9410  # the launcher's default; each node is its own network namespace
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    try:
+        ensure_installed()
+        require_prometheus()
+        cluster = NetnsSlurmCluster(NODES).start()
+    except NamespacesUnavailable as exc:
+        pytest.skip(str(exc))
+    except SlurmError as exc:
+        pytest.fail(f"could not bring up the two-node test cluster: {exc}")
+    yield cluster
+    cluster.stop()
+    shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+def job_env(tmp_path: Path) -> dict[str, str]:
+    """Site settings for the tiny CPU config: global batch 16 on 2 ranks (4 x 2) or 1 rank (4 x 4)."""
+    return {
+        "MIMAE_CONFIG": "tiny",
+        "MIMAE_RUN_DIR": str(tmp_path / "run"),
+        "MIMAE_GLOBAL_BATCH": "16",
+        "MIMAE_MAX_MICRO_BATCH": "4",
+        "MIMAE_TARGETS_DIR": str(tmp_path / "targets"),  # beside the test's prometheus.yml
+    }
+
+
+def log_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+class Job:
+    """The submitted job, with bounded waits that fail with its output."""
+
+    def __init__(self, cluster: NetnsSlurmCluster, job_id: int, out: Path, run_dir: Path) -> None:
+        self.cluster, self.id, self.out, self.run_dir = cluster, job_id, out, run_dir
+
+    def output(self) -> str:
+        return self.out.read_text() if self.out.exists() else "(no output yet)"
+
+    def wait(self, condition, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = condition()
+            if value:
+                return value
+            state = self.cluster.job(self.id).get("JobState")
+            if state in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}:
+                pytest.fail(f"job {self.id} {state} while waiting for {what}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what}: not within {timeout:.0f} s (job {state}):\n{self.output()}")
+            time.sleep(0.5)
+
+    def restart_started(self, restart: int) -> bool:
+        return f"job {self.id} restart {restart}:" in self.output()
+
+    def this_run(self, restart: int) -> str:
+        """The job output of one incarnation (the output file is appended to across restarts)."""
+        return self.output().split(f"job {self.id} restart {restart}:")[-1]
+
+    def preempt(self, restart: int, ranks: int) -> int:
+        """USR2 to the batch shell: every rank checkpoints at the same step (returned), the job requeues."""
+        self.cluster.run(["scancel", "--signal=USR2", "--batch", str(self.id)])
+        pattern = r"rank(\d+) WARNING stopped by SIGUSR2 after step (\d+); checkpoint written"
+        stops = self.wait(lambda: len(found := re.findall(pattern, self.this_run(restart))) == ranks and found,
+                          120, f"every rank's checkpoint after USR2 (restart {restart})")
+        assert {r for r, _ in stops} == {str(r) for r in range(ranks)}, stops
+        assert len({s for _, s in stops}) == 1, stops  # one step for all ranks
+        self.wait(lambda: f"requeueing job {self.id}:" in self.this_run(restart), 120, f"restart {restart}'s requeue")
+        return int(stops[0][1])
+
+
+def wait_for_scrapes(prom: PrometheusServer, job: Job, ranks: int) -> None:
+    """Until each rank has a rate window of scrapes, a checkpoint and a throughput on record."""
+    sel = f'job="{JOB_NAME}"'
+    ready = (f"count_over_time(mimae_images_total{{{sel}}}[{RATE_WINDOW}]) >= 6 "
+             f"and increase(mimae_images_total{{{sel}}}[{RATE_WINDOW}]) > 0 "
+             f"and on (rank) mimae_checkpoint_last_complete_timestamp_seconds{{{sel}}} "
+             f"and on (rank) mimae_images_per_second{{{sel}}}")
+    job.wait(lambda: len(prom.query(ready)) >= ranks, 420, f"{ranks} ranks' training history in Prometheus")
+
+
+def check_two_node_monitoring(prom: PrometheusServer, seen_targets: list) -> None:
+    nodes = [f"node{i}" for i in range(1, NODES + 1)]
+    # the launcher's targets file: one group per node of the job, the rank's port on each
+    assert seen_targets == [{"targets": [f"{n}:{METRICS_PORT}"], "labels": {"job": JOB_NAME, "node": n}}
+                            for n in nodes], seen_targets
+    active = [t for t in prom.api("targets", state="active")["activeTargets"] if t["labels"]["job"] == JOB_NAME]
+    assert sorted(t["labels"]["instance"] for t in active) == [f"{n}:{METRICS_PORT}" for n in nodes], active
+    assert all(t["health"] == "up" for t in active), active
+    # rank r runs on node r+1 (one task per node, in node-list order), world size 2 on both
+    info = {s["metric"]["rank"]: s["metric"] for s in prom.query(f'mimae_run_info{{job="{JOB_NAME}"}}')}
+    assert {r: (m["node"], m["world_size"]) for r, m in info.items()} == {"0": ("node1", "2"), "1": ("node2", "2")}
+    for title, target in dashboard_queries():
+        if not is_dcgm(target["expr"]):
+            check_query(prom, title, target, JOB_NAME)  # a series per rank where the panel is per rank
+
+
+def test_two_node_job_scraped_preempted_requeued_and_resumed_on_one_node(cluster, tmp_path):
+    started = time.monotonic()
+    prom = PrometheusServer(prometheus_config(tmp_path), tmp_path, prefix=cluster.head_command([]))
+    try:
+        run_dir, out = tmp_path / "run", tmp_path / "job.out"
+        job_id = cluster.sbatch(
+            [f"--nodes={NODES}", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20",
+             f"--chdir={tmp_path}", f"--output={out}", str(LAUNCHER), "data.backend=synthetic",
+             "engine.zero_stage=1", "train.max_steps=100000", f"train.log_every={LOG_EVERY}",
+             "checkpoint.every_steps=8", "metrics.peak_tflops=0.05"],
+            env=job_env(tmp_path))
+        job = Job(cluster, job_id, out, run_dir)
+        targets = tmp_path / "targets" / f"{JOB_NAME}.json"
+
+        # -- restart 0, two nodes: rendezvous at node1 from node2, train, checkpoint, scrape -------
+        seen = job.wait(lambda: targets.exists() and json.loads(targets.read_text()), 120, "the targets file")
+        wait_for_scrapes(prom, job, NODES)
+        check_two_node_monitoring(prom, seen)
+        assert re.search(rf"job {job_id} restart 0: config tiny, 2 node\(s\) x 1 rank\(s\) = 2", job.output())
+        assert re.search(r"rendezvous node1:\d+", job.output()), job.output()
+        stop0 = job.preempt(restart=0, ranks=NODES)
+        tag = run_dir / "checkpoints" / f"step_{stop0:09d}"
+        assert {p.name for p in tag.glob("mimae_*")} == {"mimae_rank00000.pt", "mimae_rank00001.pt",
+                                                         "mimae_complete.json"}
+        assert len(list(tag.glob("*optim_states.pt"))) == NODES  # each node's ZeRO partition
+        print(f"restart 0 stopped at step {stop0} after {time.monotonic() - started:.0f} s")
+
+        # -- restart 1, two nodes again: resumes where restart 0 stopped --------------------------
+        job.wait(lambda: job.restart_started(1), 120, "the requeued job's second start")
+        job.wait(lambda: any(r["step"] > stop0 for r in log_records(run_dir)), 300, "a step after the resume")
+        assert re.search(rf"resumed from \S+/step_0*{stop0}: step {stop0}\b", (run_dir / "train.log").read_text())
+        stop1 = job.preempt(restart=1, ranks=NODES)
+        print(f"restart 1 stopped at step {stop1} after {time.monotonic() - started:.0f} s")
+        before = log_records(run_dir)
+
+        # -- restart 2, one node: the pending job shrinks to node1 and resumes on one rank --------
+        cluster.run(["scontrol", "update", f"JobId={job_id}", "NumNodes=1", "NumTasks=1"])
+        job.wait(lambda: job.restart_started(2), 120, "the requeued job's third start")
+        assert re.search(rf"job {job_id} restart 2: config tiny, 1 node\(s\) x 1 rank\(s\) = 1", job.output())
+        job.wait(lambda: len(log_records(run_dir)) > len(before) + 1, 300, "two log steps on one node")
+    finally:
+        prom.stop()
+    print(f"two-node test: {time.monotonic() - started:.0f} s")
