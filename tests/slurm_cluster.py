@@ -1,7 +1,7 @@
 """A real one-node Slurm cluster on localhost for tests: munged, slurmctld and slurmd in a temp dir.
 
 Debian's ``slurm-wlm`` and ``munge`` packages (installed here when missing) start no daemons, so
-this module starts them itself, following ``../shared/docs/SERVICES.md``: munged as the munge user
+this module starts them itself: munged as the munge user
 with its files in a 0711 directory, slurmctld and slurmd in the foreground on loopback ports, and a
 ``cred_expire`` of 10 s so a requeued job reruns ~11 s later instead of ~121 s. Every client
 command needs ``SLURM_CONF``; :meth:`SlurmCluster.env` provides it. :meth:`stop` cancels what is
