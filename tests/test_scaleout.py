@@ -16,9 +16,12 @@ import re
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from prometheus_tools import PrometheusServer, require_prometheus
+from shard_helpers import write_id_shards
 from slurm_cluster import SlurmError, ensure_installed
 from slurm_netns import NamespacesUnavailable, NetnsSlurmCluster
 from test_monitoring_config import dashboard_queries, is_dcgm
@@ -30,6 +33,8 @@ JOB_NAME = "mimae_vit_l16_1600ep"  # the launcher's #SBATCH --job-name: the metr
 NODES = 2
 LOG_EVERY = 2
 METRICS_PORT = 9410  # the launcher's default; each node is its own network namespace
+GLOBAL_BATCH = 16
+SAMPLES = 320  # 8 shards: 20 steps an epoch on any world size, so runs cross epochs
 
 pytestmark = pytest.mark.slow
 
@@ -53,8 +58,9 @@ def job_env(tmp_path: Path) -> dict[str, str]:
     """Site settings for the tiny CPU config: global batch 16 on 2 ranks (4 x 2) or 1 rank (4 x 4)."""
     return {
         "MIMAE_CONFIG": "tiny",
+        "MIMAE_DATA": str(tmp_path / "shards"),
         "MIMAE_RUN_DIR": str(tmp_path / "run"),
-        "MIMAE_GLOBAL_BATCH": "16",
+        "MIMAE_GLOBAL_BATCH": str(GLOBAL_BATCH),
         "MIMAE_MAX_MICRO_BATCH": "4",
         "MIMAE_TARGETS_DIR": str(tmp_path / "targets"),  # beside the test's prometheus.yml
     }
@@ -132,77 +138,98 @@ def check_two_node_monitoring(prom: PrometheusServer, seen_targets: list) -> Non
             check_query(prom, title, target, JOB_NAME)  # a series per rank where the panel is per rank
 
 
-def test_two_node_job_scraped_preempted_requeued_and_resumed_on_one_node(cluster, tmp_path):
-    started = time.monotonic()
-    prom = PrometheusServer(prometheus_config(tmp_path), tmp_path, prefix=cluster.head_command([]))
-    try:
-        run_dir, out = tmp_path / "run", tmp_path / "job.out"
-        job_id = cluster.sbatch(
-            [f"--nodes={NODES}", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20",
-             f"--chdir={tmp_path}", f"--output={out}", str(LAUNCHER), "data.backend=synthetic",
-             "engine.zero_stage=1", "train.max_steps=100000", f"train.log_every={LOG_EVERY}",
-             "checkpoint.every_steps=8", "metrics.peak_tflops=0.05"],
-            env=job_env(tmp_path))
-        job = Job(cluster, job_id, out, run_dir)
-        targets = tmp_path / "targets" / f"{JOB_NAME}.json"
+@pytest.fixture(scope="module")
+def run(cluster, tmp_path_factory):
+    """The one job both tests follow, and the Prometheus that scrapes it (shut down after both)."""
+    tmp = tmp_path_factory.mktemp("scaleout")
+    write_id_shards(tmp / "shards", SAMPLES, SAMPLES // 8)
+    prom = PrometheusServer(prometheus_config(tmp), tmp, prefix=cluster.head_command([]))
+    state = SimpleNamespace(tmp=tmp, prom=prom, job=None, shrunk=False, started=time.monotonic())
+    yield state
+    prom.stop()
+    print(f"two nodes -> one node: {time.monotonic() - state.started:.0f} s")
 
-        # -- restart 0, two nodes: rendezvous at node1 from node2, train, checkpoint, scrape -------
-        seen = job.wait(lambda: targets.exists() and json.loads(targets.read_text()), 120, "the targets file")
-        wait_for_scrapes(prom, job, NODES)
-        check_two_node_monitoring(prom, seen)
-        assert re.search(rf"job {job_id} restart 0: config tiny, 2 node\(s\) x 1 rank\(s\) = 2", job.output())
-        assert re.search(r"rendezvous node1:\d+", job.output()), job.output()
-        stop0 = job.preempt(restart=0, ranks=NODES)
-        tag = run_dir / "checkpoints" / f"step_{stop0:09d}"
-        assert {p.name for p in tag.glob("mimae_*")} == {"mimae_rank00000.pt", "mimae_rank00001.pt",
-                                                         "mimae_complete.json"}
-        assert len(list(tag.glob("*optim_states.pt"))) == NODES  # each node's ZeRO partition
-        print(f"restart 0 stopped at step {stop0} after {time.monotonic() - started:.0f} s")
 
-        # -- restart 1, two nodes again: resumes where restart 0 stopped --------------------------
-        job.wait(lambda: job.restart_started(1), 120, "the requeued job's second start")
-        # long enough that the loss has clearly moved from where it started (the check at the end)
-        job.wait(lambda: any(r["step"] >= stop0 + 24 for r in log_records(run_dir)), 300, "24 steps after the resume")
-        assert re.search(rf"resumed from \S+/step_0*{stop0}: step {stop0}\b", (run_dir / "train.log").read_text())
-        stop1 = job.preempt(restart=1, ranks=NODES)
-        print(f"restart 1 stopped at step {stop1} after {time.monotonic() - started:.0f} s")
-        before = log_records(run_dir)
+def test_two_node_job_rendezvous_scrape_preempt_requeue_resume(cluster, run):
+    tmp, prom = run.tmp, run.prom
+    run_dir, out = tmp / "run", tmp / "job.out"
+    job_id = cluster.sbatch(
+        [f"--nodes={NODES}", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20",
+         f"--chdir={tmp}", f"--output={out}", str(LAUNCHER), "data.backend=webdataset",
+         "engine.zero_stage=1", "train.max_steps=100000", f"train.log_every={LOG_EVERY}",
+         "checkpoint.every_steps=8", "metrics.peak_tflops=0.05"],
+        env=job_env(tmp))
+    job = run.job = Job(cluster, job_id, out, run_dir)
+    targets = tmp / "targets" / f"{JOB_NAME}.json"
 
-        # -- restart 2, one node: the pending job shrinks to node1 and resumes on one rank --------
-        cluster.wait_for_state(job_id, {"PENDING"}, timeout=60)  # requeued, held for cred_expire
-        cluster.run(["scontrol", "update", f"JobId={job_id}", "NumNodes=1", "NumTasks=1"])
-        job.wait(lambda: job.restart_started(2), 120, "the requeued job's third start")
-        assert re.search(rf"job {job_id} restart 2: config tiny, 1 node\(s\) x 1 rank\(s\) = 1", job.output())
-        refused = re.compile(r"was written by 2 ranks .* this run has 1 ranks")
-        job.wait(lambda: refused.search(job.this_run(2)) or "resumed from" in job.this_run(2), 300,
-                 "the one-node run's resume")
-        if refused.search(job.this_run(2)):
-            pytest.skip("the two-node phases passed; the trainer cannot yet resume a 2-rank checkpoint on 1 rank "
-                        "(re-layout resume, the resilience work): " + refused.search(job.this_run(2)).group(0))
-        job.wait(lambda: len(log_records(run_dir)) >= len(before) + 2, 300, "two log steps on one node")
-        assert json.loads(targets.read_text()) == [
-            {"targets": [f"node1:{METRICS_PORT}"], "labels": {"job": JOB_NAME, "node": "node1"}}]
-        cluster.run(["scancel", str(job_id)])  # SIGTERM: checkpoint, no requeue
-        record = cluster.wait_for_state(job_id, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=120)
-    finally:
-        prom.stop()
+    # -- restart 0, two nodes: rendezvous at node1 from node2, train, checkpoint, scrape -----------
+    seen = job.wait(lambda: targets.exists() and json.loads(targets.read_text()), 120, "the targets file")
+    wait_for_scrapes(prom, job, NODES)
+    check_two_node_monitoring(prom, seen)
+    assert re.search(rf"job {job_id} restart 0: config tiny, 2 node\(s\) x 1 rank\(s\) = 2", job.output())
+    assert re.search(r"rendezvous node1:\d+", job.output()), job.output()
+    stop0 = job.preempt(restart=0, ranks=NODES)
+    tag = run_dir / "checkpoints" / f"step_{stop0:09d}"
+    assert {p.name for p in tag.glob("mimae_*")} == {"mimae_rank00000.pt", "mimae_rank00001.pt", "mimae_complete.json"}
+    assert len(list(tag.glob("*optim_states.pt"))) == NODES  # each node's ZeRO partition
+    print(f"restart 0 stopped at step {stop0} after {time.monotonic() - run.started:.0f} s")
+
+    # -- restart 1, two nodes again: resumes where restart 0 stopped ------------------------------
+    job.wait(lambda: job.restart_started(1), 120, "the requeued job's second start")
+    # long enough that the loss has clearly moved from where it started (the one-node test's check)
+    job.wait(lambda: any(r["step"] >= stop0 + 24 for r in log_records(run_dir)), 300, "24 steps after the resume")
+    assert re.search(rf"resumed from \S+/step_0*{stop0}: step {stop0}\b", (run_dir / "train.log").read_text())
+    run.stop1 = job.preempt(restart=1, ranks=NODES)
+    run.before = log_records(run_dir)
+    print(f"restart 1 stopped at step {run.stop1} after {time.monotonic() - run.started:.0f} s")
+
+    # the requeued job, held for cred_expire, shrinks to one node (what a node lost looks like)
+    cluster.wait_for_state(job_id, {"PENDING"}, timeout=60)
+    cluster.run(["scontrol", "update", f"JobId={job_id}", "NumNodes=1", "NumTasks=1"])
+    run.shrunk = True
+
+
+def test_job_requeued_onto_one_node_continues(cluster, run):
+    """The two-node test's job, shrunk to one node while pending: one rank resumes the two ranks'
+    checkpoint (step, loss curve, data position) through the launcher."""
+    if not run.shrunk:
+        pytest.skip("needs the job that test_two_node_job_rendezvous_scrape_preempt_requeue_resume left pending")
+    job, stop1, before = run.job, run.stop1, run.before
+    run_dir, targets = job.run_dir, run.tmp / "targets" / f"{JOB_NAME}.json"
+    job.wait(lambda: job.restart_started(2), 120, "the requeued job's third start")
+    assert re.search(rf"job {job.id} restart 2: config tiny, 1 node\(s\) x 1 rank\(s\) = 1", job.output())
+    refused = re.compile(r"was written by 2 ranks .* this run has 1 ranks")
+    job.wait(lambda: refused.search(job.this_run(2)) or "resumed from" in job.this_run(2), 300,
+             "the one-node run's resume")
+    if found := refused.search(job.this_run(2)):
+        pytest.skip(f"the trainer cannot yet resume a 2-rank checkpoint on 1 rank (re-layout resume): {found[0]}")
+    job.wait(lambda: len(log_records(run_dir)) >= len(before) + 2, 300, "two log steps on one node")
+    assert json.loads(targets.read_text()) == [
+        {"targets": [f"node1:{METRICS_PORT}"], "labels": {"job": JOB_NAME, "node": "node1"}}]
+    cluster.run(["scancel", str(job.id)])  # SIGTERM: checkpoint, no requeue
+    record = cluster.wait_for_state(job.id, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=120)
     assert record["JobState"] == "CANCELLED" and record["Restarts"] == "2", job.output()
     train_log = (run_dir / "train.log").read_text()
-    assert re.search(rf"resumed from \S+/step_0*{stop1}: step {stop1}, epoch \S+, {stop1 * 16} images seen",
+    assert re.search(rf"resumed from \S+/step_0*{stop1}: step {stop1}, epoch \S+, {stop1 * GLOBAL_BATCH} images seen",
                      train_log), train_log
 
-    # One curve across three runs and two world sizes: every log step once, in order; the data
-    # position (images seen, epoch) follows the step; the loss goes on from where two ranks left it
-    # instead of starting over.
+    # One curve across three runs and two world sizes: every log step once, in order; the images
+    # seen follow the step; the loss goes on from where two ranks left it instead of starting over.
     records = log_records(run_dir)
     steps = [r["step"] for r in records]
     assert steps == list(range(LOG_EVERY, steps[-1] + 1, LOG_EVERY)), steps
     assert steps[-1] > stop1
-    assert all(r["samples"] == r["step"] * 16 and r["epoch"] == pytest.approx(r["step"] / 50) for r in records)
+    assert all(r["samples"] == r["step"] * GLOBAL_BATCH for r in records)
     first, last_two_node = records[0]["loss"], before[-1]["loss"]
     resumed = next(r["loss"] for r in records if r["step"] > stop1)
     assert abs(resumed - last_two_node) < abs(resumed - first), (first, last_two_node, resumed)
-    final = (run_dir / "checkpoints" / "latest").read_text().strip()
-    assert {p.name for p in (run_dir / "checkpoints" / final).glob("mimae_rank*")} == {"mimae_rank00000.pt"}
-    print(f"two-node test: {time.monotonic() - started:.0f} s")
-    print(f"two nodes -> one node: {time.monotonic() - started:.0f} s")
+    # The data position: the one rank's loader stands where the run's step says, in its own units
+    # (4 micro-batches of 4 images per step on one rank, 2 per rank on two; an epoch is 20 steps).
+    ckpt = run_dir / "checkpoints"
+    final = ckpt / (ckpt / "latest").read_text().strip()
+    assert {p.name for p in final.glob("mimae_rank*")} == {"mimae_rank00000.pt"}
+    step = json.loads((final / "mimae_complete.json").read_text())["step"]
+    loader = torch.load(final / "mimae_rank00000.pt", weights_only=True)["loader"]
+    per_epoch = SAMPLES // GLOBAL_BATCH
+    assert (loader["world_size"], loader["epoch"], loader["batch_in_epoch"]) == (
+        1, step // per_epoch, step % per_epoch * GLOBAL_BATCH // 4), (step, loader)
