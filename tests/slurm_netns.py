@@ -46,7 +46,10 @@ class NamespacesUnavailable(SlurmError):
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    try:
+        proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise SlurmError("`ip` not found: install iproute2 (the test cluster's network needs it)") from None
     if check and proc.returncode != 0:
         raise SlurmError(f"ip {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc

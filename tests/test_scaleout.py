@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -52,6 +53,24 @@ def cluster():
     yield cluster
     cluster.stop()
     shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+def test_each_node_is_its_own_host(cluster, tmp_path):
+    """A two-node srun: each task has its node's host name, one address of its own (on the test's
+    subnet) and resolves both node names."""
+    out = tmp_path / "hosts.out"
+    script = ('echo "$SLURM_NODEID $(hostname) $(ip -4 -o addr show scope global | awk \'{print $4}\')"; '
+              "getent hosts node1 node2 | sort")
+    job_id = cluster.sbatch(["--nodes=2", "--ntasks-per-node=1", f"--output={out}", "--wrap",
+                             f"srun bash -c {shlex.quote(script)}"])
+    record = cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=60)
+    text = out.read_text()
+    assert record["JobState"] == "COMPLETED", text
+    prefix = cluster.subnet.prefixlen
+    for node_id, node in enumerate(cluster.node_names):
+        assert f"{node_id} {node} {cluster.addresses[node]}/{prefix}\n" in text, text
+    for node in cluster.node_names:  # both names resolve on both nodes (each task prints both)
+        assert len(re.findall(rf"^{re.escape(cluster.addresses[node])}\s+{node}$", text, re.M)) == 2, text
 
 
 def job_env(tmp_path: Path) -> dict[str, str]:
