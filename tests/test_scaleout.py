@@ -35,6 +35,7 @@ NODES = 2
 LOG_EVERY = 2
 METRICS_PORT = 9410  # the launcher's default; each node is its own network namespace
 GLOBAL_BATCH = 16
+MICRO_BATCH = 4  # MIMAE_MAX_MICRO_BATCH: accumulation 2 on two ranks, 4 on one
 SAMPLES = 320  # 8 shards: 20 steps an epoch on any world size, so runs cross epochs
 
 pytestmark = pytest.mark.slow
@@ -80,7 +81,7 @@ def job_env(tmp_path: Path) -> dict[str, str]:
         "MIMAE_DATA": str(tmp_path / "shards"),
         "MIMAE_RUN_DIR": str(tmp_path / "run"),
         "MIMAE_GLOBAL_BATCH": str(GLOBAL_BATCH),
-        "MIMAE_MAX_MICRO_BATCH": "4",
+        "MIMAE_MAX_MICRO_BATCH": str(MICRO_BATCH),
         "MIMAE_TARGETS_DIR": str(tmp_path / "targets"),  # beside the test's prometheus.yml
     }
 
@@ -129,6 +130,25 @@ class Job:
         assert len({s for _, s in stops}) == 1, stops  # one step for all ranks
         self.wait(lambda: f"requeueing job {self.id}:" in self.this_run(restart), 120, f"restart {restart}'s requeue")
         return int(stops[0][1])
+
+
+def check_data_position(tag: Path, ranks: int) -> None:
+    """Each rank's part of checkpoint ``tag`` is there, and its loader stands where the step says:
+    step x accumulation micro-batches of 4 into the data (an epoch: its share of SAMPLES)."""
+    assert sorted(p.name for p in tag.glob("mimae_rank*")) == [f"mimae_rank{r:05d}.pt" for r in range(ranks)]
+    step = json.loads((tag / "mimae_complete.json").read_text())["step"]
+    per_epoch, accumulation = SAMPLES // (ranks * MICRO_BATCH), GLOBAL_BATCH // (ranks * MICRO_BATCH)
+    for rank in range(ranks):
+        loader = torch.load(tag / f"mimae_rank{rank:05d}.pt", weights_only=True)["loader"]
+        assert (loader["rank"], loader["world_size"]) == (rank, ranks), loader
+        assert loader["epoch"] * per_epoch + loader["batch_in_epoch"] == step * accumulation, (step, loader)
+
+
+def check_one_curve(records: list[dict]) -> None:
+    """Every log step once and in order across the restarts; the images seen follow the step."""
+    steps = [r["step"] for r in records]
+    assert steps == list(range(LOG_EVERY, steps[-1] + 1, LOG_EVERY)), steps
+    assert all(r["samples"] == r["step"] * GLOBAL_BATCH for r in records), records
 
 
 def wait_for_scrapes(prom: PrometheusServer, job: Job, ranks: int) -> None:
@@ -189,7 +209,7 @@ def test_two_node_job_rendezvous_scrape_preempt_requeue_resume(cluster, run):
     assert re.search(r"rendezvous node1:\d+", job.output()), job.output()
     stop0 = job.preempt(restart=0, ranks=NODES)
     tag = run_dir / "checkpoints" / f"step_{stop0:09d}"
-    assert {p.name for p in tag.glob("mimae_*")} == {"mimae_rank00000.pt", "mimae_rank00001.pt", "mimae_complete.json"}
+    check_data_position(tag, NODES)
     assert len(list(tag.glob("*optim_states.pt"))) == NODES  # each node's ZeRO partition
     print(f"restart 0 stopped at step {stop0} after {time.monotonic() - run.started:.0f} s")
 
@@ -200,6 +220,8 @@ def test_two_node_job_rendezvous_scrape_preempt_requeue_resume(cluster, run):
     assert re.search(rf"resumed from \S+/step_0*{stop0}: step {stop0}\b", (run_dir / "train.log").read_text())
     run.stop1 = job.preempt(restart=1, ranks=NODES)
     run.before = log_records(run_dir)
+    check_one_curve(run.before)
+    check_data_position(run_dir / "checkpoints" / f"step_{run.stop1:09d}", NODES)
     print(f"restart 1 stopped at step {run.stop1} after {time.monotonic() - run.started:.0f} s")
 
     # the requeued job, held for cred_expire, shrinks to one node (what a node lost looks like)
@@ -232,23 +254,13 @@ def test_job_requeued_onto_one_node_continues(cluster, run):
     assert re.search(rf"resumed from \S+/step_0*{stop1}: step {stop1}, epoch \S+, {stop1 * GLOBAL_BATCH} images seen",
                      train_log), train_log
 
-    # One curve across three runs and two world sizes: every log step once, in order; the images
-    # seen follow the step; the loss goes on from where two ranks left it instead of starting over.
+    # One curve across three runs and two world sizes; the loss goes on from where two ranks left
+    # it instead of starting over; the one rank's data position is the step's.
     records = log_records(run_dir)
-    steps = [r["step"] for r in records]
-    assert steps == list(range(LOG_EVERY, steps[-1] + 1, LOG_EVERY)), steps
-    assert steps[-1] > stop1
-    assert all(r["samples"] == r["step"] * GLOBAL_BATCH for r in records)
+    check_one_curve(records)
+    assert records[-1]["step"] > stop1
     first, last_two_node = records[0]["loss"], before[-1]["loss"]
     resumed = next(r["loss"] for r in records if r["step"] > stop1)
     assert abs(resumed - last_two_node) < abs(resumed - first), (first, last_two_node, resumed)
-    # The data position: the one rank's loader stands where the run's step says, in its own units
-    # (4 micro-batches of 4 images per step on one rank, 2 per rank on two; an epoch is 20 steps).
     ckpt = run_dir / "checkpoints"
-    final = ckpt / (ckpt / "latest").read_text().strip()
-    assert {p.name for p in final.glob("mimae_rank*")} == {"mimae_rank00000.pt"}
-    step = json.loads((final / "mimae_complete.json").read_text())["step"]
-    loader = torch.load(final / "mimae_rank00000.pt", weights_only=True)["loader"]
-    per_epoch = SAMPLES // GLOBAL_BATCH
-    assert (loader["world_size"], loader["epoch"], loader["batch_in_epoch"]) == (
-        1, step // per_epoch, step % per_epoch * GLOBAL_BATCH // 4), (step, loader)
+    check_data_position(ckpt / (ckpt / "latest").read_text().strip(), 1)
