@@ -93,11 +93,14 @@ class NetnsSlurmCluster(SlurmCluster):
     # -- network ---------------------------------------------------------------------------------
 
     def _start_network(self) -> None:
-        probe = f"{self.netns[self.node_names[0]]}"
+        probe = self.netns[self.node_names[0]]
         made = _ip("netns", "add", probe, check=False)
         if made.returncode != 0:
-            raise NamespacesUnavailable(f"ip netns add failed ({made.stderr.strip()}): network namespaces "
-                                        "are not permitted here (needs root with CAP_SYS_ADMIN and CAP_NET_ADMIN)")
+            why = f"ip netns add failed ({made.stderr.strip()})"
+            if any(w in made.stderr for w in ("Operation not permitted", "Permission denied")):
+                raise NamespacesUnavailable(f"{why}: network namespaces are not permitted here "
+                                            "(they need CAP_SYS_ADMIN and CAP_NET_ADMIN)")
+            raise SlurmError(why)
         self._made.append(("netns", "del", probe))
         prefix = self.subnet.prefixlen
         _ip("link", "add", self.bridge, "type", "bridge")
