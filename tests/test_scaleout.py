@@ -239,14 +239,15 @@ def test_job_requeued_onto_one_node_continues(cluster, run):
     run_dir, targets = job.run_dir, run.tmp / "targets" / f"{JOB_NAME}.json"
     job.wait(lambda: job.restart_started(2), 120, "the requeued job's third start")
     assert re.search(rf"job {job.id} restart 2: config tiny, 1 node\(s\) x 1 rank\(s\) = 1", job.output())
+    job.wait(lambda: "Prometheus targets:" in job.this_run(2), 60, "the one-node run's targets file")
+    assert json.loads(targets.read_text()) == [
+        {"targets": [f"node1:{METRICS_PORT}"], "labels": {"job": JOB_NAME, "node": "node1"}}]
     refused = re.compile(r"was written by 2 ranks .* this run has 1 ranks")
     job.wait(lambda: refused.search(job.this_run(2)) or "resumed from" in job.this_run(2), 300,
              "the one-node run's resume")
     if found := refused.search(job.this_run(2)):
         pytest.skip(f"the trainer cannot yet resume a 2-rank checkpoint on 1 rank (re-layout resume): {found[0]}")
     job.wait(lambda: len(log_records(run_dir)) >= len(before) + 2, 300, "two log steps on one node")
-    assert json.loads(targets.read_text()) == [
-        {"targets": [f"node1:{METRICS_PORT}"], "labels": {"job": JOB_NAME, "node": "node1"}}]
     cluster.run(["scancel", str(job.id)])  # SIGTERM: checkpoint, no requeue
     record = cluster.wait_for_state(job.id, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=120)
     assert record["JobState"] == "CANCELLED" and record["Restarts"] == "2", job.output()
