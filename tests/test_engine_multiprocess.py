@@ -279,3 +279,48 @@ def test_damaged_checkpoints_fall_back_or_stop_with_one_line_and_a_tag_folder_ex
     assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr
     errors = [line for line in done.stdout.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "data.train_shards" in errors[0] and "train-000000.tar" in errors[0], errors
+
+
+def _plain(run: Path, overrides: list[str], log: Path) -> int:
+    """train.py as one plain process (a world of one), output to ``log``."""
+    cmd = [sys.executable, "mimae_scale/train.py", "--config", "tiny", f"run_dir={run}", *overrides]
+    with open(log, "w") as out:
+        return subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=TIMEOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_resume_on_another_number_of_ranks(tmp_path, demo_data, stage):
+    """2 ranks -> 1 rank (-> 2 ranks under ZeRO 3) through DeepSpeed's universal checkpoint: converted
+    once, beside the original; the epoch interrupted by the change is replayed from its start on the
+    new layout (its LR and steps again, every sample seen, those seen before counted), and the weights
+    and optimiser state carry over: the loss goes on from where it was, not from a fresh model."""
+    run = tmp_path / "run"
+    # 240 images, 48 per step: 5 steps per epoch on 2 ranks (24 each) and on 1 (2 x 24), so the
+    # schedule is the same on both layouts
+    settings = [*demo_data, "train.global_batch=48", "train.micro_batch=24", "train.log_every=1",
+                "checkpoint.every_steps=3", f"engine.zero_stage={stage}", "optim.base_lr=3e-3",
+                "optim.warmup_epochs=0.4", "train.epochs=4"]
+    job = train(run, [*settings, "train.max_steps=8"], tmp_path / "two.log")
+    assert job.wait() == 0, job.output[-4000:]
+    before = {r["step"]: r for r in records(run)}
+    assert complete_steps(run) == [6, 8]  # step 8: mid-epoch 1 (steps 6-10)
+
+    assert _plain(run, [*settings, "train.max_steps=9"], tmp_path / "one.log") == 0
+    one = (tmp_path / "one.log").read_text()
+    assert "converted" in one and "universal format" in one and "layout changed (2 ranks -> 1)" in one
+    assert "resuming at the start of epoch 1, step 5; 144 samples of that epoch seen before the stop are seen again" \
+        in one
+    assert (run / "checkpoints" / "step_000000008" / "universal" / MARKER).is_file()
+    after = {r["step"]: r for r in records(run)[len(before):]}
+    assert sorted(after) == [6, 7, 8, 9]
+    for step in (6, 7, 8):
+        assert after[step]["lr"] == pytest.approx(before[step]["lr"], rel=1e-9)  # the same schedule
+    # the weights came back trained (a fresh model would start near step 1's loss; these samples
+    # were also trained on before the stop)
+    assert after[6]["loss_rec"] < 0.95 * before[1]["loss_rec"], (before[1], after[6])
+    if stage == 3:  # and back to 2 ranks: the 1-rank checkpoint of step 9 converts the same way
+        job = train(run, [*settings, "train.max_steps=11"], tmp_path / "back.log")
+        assert job.wait() == 0, job.output[-4000:]
+        assert "layout changed (1 ranks -> 2)" in job.output and "start of epoch 1, step 5" in job.output
+        assert records(run)[-1]["step"] == 11

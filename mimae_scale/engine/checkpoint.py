@@ -30,6 +30,8 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +55,7 @@ log = logging.getLogger("mimae_scale.engine")
 MARKER = "mimae_complete.json"
 LATEST = "latest"
 FORMAT = "mimae_scale/2"
+UNIVERSAL = "universal"  # the tag's universal-format copy, for resuming on another number of ranks
 CONFIG_KEY = "config"  # the run's config in the client state (evaluation and export read it there)
 DAMAGED_PREFIX = "damaged_"  # not "step_*": never pruned, never chosen
 CHUNK = 8 << 20  # bytes read at a time while hashing
@@ -231,9 +234,11 @@ class TrainState:
     def rank_state(self) -> dict[str, Any]:
         return {"format": FORMAT, **{name: c.state_dict() for name, c in self.per_rank.items()}}
 
-    def load(self, client: dict[str, Any], rank_state: dict[str, Any] | None, where: Path) -> None:
+    def load(self, client: dict[str, Any], rank_state: dict[str, Any] | None, where: Path,
+             skip: tuple[str, ...] = ()) -> None:
         """Hand every component its entry; ``rank_state`` None: this rank has no file of its own (the
-        checkpoint was written by fewer ranks) and its per-rank components keep their fresh state."""
+        checkpoint was written by fewer ranks) and its per-rank components keep their fresh state;
+        ``skip``: per-rank components whose saved state does not apply (another layout)."""
         for part in (client, rank_state or {"format": FORMAT}):
             if part.get("format") != FORMAT:
                 raise CheckpointMismatch(f"{where}: format {part.get('format')!r}, this version reads {FORMAT!r}")
@@ -241,7 +246,8 @@ class TrainState:
             component.load_state_dict(client[name])
         if rank_state is not None:
             for name, component in self.per_rank.items():
-                component.load_state_dict(rank_state[name])
+                if name not in skip:
+                    component.load_state_dict(rank_state[name])
 
 
 @dataclass(frozen=True)
@@ -255,6 +261,13 @@ class Complete:
     fingerprint: str
     method: dict[str, Any]  # the config sections the fingerprint covers
     files: dict[str, dict[str, Any]]  # relative name -> {"size", "sha256"}
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class CheckpointManager:
@@ -385,6 +398,39 @@ class CheckpointManager:
                                      + "; ".join(damaged))
         return None
 
+    def universal(self, chosen: Complete) -> Path:
+        """``<tag>/universal``: the checkpoint in DeepSpeed's universal format (any number of ranks),
+        converted once by rank 0 with DeepSpeed's ``ds_to_universal`` and kept beside the original with
+        its own marker; a conversion that was interrupted or damaged is redone. Collective."""
+        tag_dir = self.root / chosen.tag
+        out = tag_dir / UNIVERSAL
+        if self.rank == 0:
+            info = _read_marker(out / MARKER)
+            if info is None or problems_in(out, info["files"]):
+                self._convert(tag_dir, out)
+        if dist.is_initialized():
+            dist.barrier()
+        return out
+
+    def _convert(self, tag_dir: Path, out: Path) -> None:
+        work = tag_dir / (UNIVERSAL + ".tmp")
+        for stale in (out, work):
+            shutil.rmtree(stale, ignore_errors=True)
+        started = time.perf_counter()
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+               "--output_folder", str(work), "--num_extract_workers", "2", "--num_merge_workers", "1"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        (tag_dir / "ds_to_universal.log").write_text(done.stdout + done.stderr)
+        if done.returncode != 0:
+            raise CheckpointMismatch(f"{tag_dir}: DeepSpeed's ds_to_universal failed (status {done.returncode}), "
+                                     f"see {tag_dir / 'ds_to_universal.log'}; resume with the original layout")
+        names = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())
+        _fsync_tree(work)
+        _write_atomic(work / MARKER, json.dumps({"files": describe(work, names)}) + "\n")
+        os.replace(work, out)
+        log.warning("converted %s to DeepSpeed's universal format in %.1f s (%s, kept for later resumes)",
+                    tag_dir, time.perf_counter() - started, out)
+
     def _point_latest(self, chosen: Complete) -> None:
         latest = self.root / LATEST
         current = latest.read_text().strip() if latest.is_file() else None
@@ -404,15 +450,11 @@ def check_resumable(chosen: Complete, cfg: Config, world_size: int, root: Path) 
             f"(fingerprint {chosen.fingerprint}, this run {fingerprint}): " + "; ".join(diffs)
             + ". Use a new run_dir, or the original settings."
         )
-    if chosen.world_size != world_size or chosen.zero_stage != zero_stage:
-        tag_dir = root / chosen.tag
+    if chosen.zero_stage != zero_stage or (zero_stage == 0 and chosen.world_size != world_size):
         raise CheckpointMismatch(
-            f"{tag_dir} was written by {chosen.world_size} ranks with ZeRO stage {chosen.zero_stage}; this run "
-            f"has {world_size} ranks and stage {zero_stage}. Resume with {chosen.world_size} ranks and stage "
-            f"{chosen.zero_stage}, or convert it to a universal checkpoint for another layout with "
-            f"`python -m deepspeed.checkpoint.ds_to_universal --input_folder {tag_dir} "
-            f"--output_folder {tag_dir}_universal` (loading universal checkpoints is not wired into "
-            f"train.py yet; the data position restarts with the new layout)."
+            f"{root / chosen.tag} was written with ZeRO stage {chosen.zero_stage} by {chosen.world_size} ranks; this "
+            f"run has stage {zero_stage} and {world_size} ranks. Another number of ranks is converted "
+            f"automatically for ZeRO stages 1-3, another stage is not: set engine.zero_stage={chosen.zero_stage}."
         )
 
 

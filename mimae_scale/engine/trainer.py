@@ -138,6 +138,10 @@ class Trainer:
         wrapped = cfg.engine.zero_stage > 0 or self.precision == "bf16"
         optimizer = build_optimizer(model, cfg, wrapped_by_deepspeed=wrapped)
         self.ds_config = build_ds_config(cfg, env.world_size, self.device)
+        # Another number of ranks than the checkpoint's: load it through DeepSpeed's universal format
+        self.relayout = newest is not None and newest.world_size != env.world_size
+        if self.relayout:
+            self.ds_config["checkpoint"] = {"load_universal": True}
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.input_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
 
@@ -162,22 +166,42 @@ class Trainer:
     def _load(self, chosen: Complete) -> None:
         """Load ``chosen`` into the engine and the TrainState (raises when it cannot)."""
         tag_dir = self.ckpt.root / chosen.tag
-        path, client = self.engine.load_checkpoint(str(self.ckpt.root), tag=chosen.tag)
+        if self.relayout:  # DeepSpeed's own loader re-partitions the universal copy for this layout
+            path, client = self.engine.load_checkpoint(str(self.ckpt.universal(chosen)), tag=".")
+        else:
+            path, client = self.engine.load_checkpoint(str(self.ckpt.root), tag=chosen.tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
-        mine = torch.load(tag_dir / rank_file(self.env.rank), map_location="cpu", weights_only=True)
-        self.state.load(client, mine, tag_dir)
+        mine_file = tag_dir / rank_file(self.env.rank)  # absent for ranks the checkpoint did not have
+        mine = torch.load(mine_file, map_location="cpu", weights_only=True) if mine_file.exists() else None
+        self.state.load(client, mine, tag_dir, skip=("loader",) if self.relayout else ())
+        if self.relayout:
+            self._restart_epoch(chosen)
         log.info("resumed from %s: step %d, epoch %d, %d images seen", tag_dir, self.step,
                  self.step // self.steps_per_epoch, self.step * self.cfg.train.global_batch)
+
+    def _restart_epoch(self, chosen: Complete) -> None:
+        """On another layout the loader's per-rank position does not apply: replay the interrupted epoch
+        from its start, so that every sample of it is seen (those seen before the stop, twice)."""
+        epoch = self.epoch_at_load
+        seen_twice = self.step * self.cfg.train.global_batch - epoch * self.samples_per_epoch_at_load
+        self.step = epoch * self.steps_per_epoch
+        self.loader.epoch, self.loader.batch_in_epoch = epoch, 0
+        log.warning("layout changed (%d ranks -> %d): resuming at the start of epoch %d, step %d; %d samples of "
+                    "that epoch seen before the stop are seen again", chosen.world_size, self.env.world_size, epoch,
+                    self.step, max(seen_twice, 0))
 
     def state_dict(self) -> dict[str, int]:
         """The trainer's counters (a replicated TrainState component); epoch and samples for readers."""
         return {"step": self.step, "consecutive_skips": self.consecutive_skips,
-                "epoch": self.step // self.steps_per_epoch, "samples": self.step * self.cfg.train.global_batch}
+                "epoch": self.step // self.steps_per_epoch, "samples": self.step * self.cfg.train.global_batch,
+                "samples_per_epoch": self.steps_per_epoch * self.cfg.train.global_batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.step = int(state["step"])
         self.consecutive_skips = int(state["consecutive_skips"])
+        self.epoch_at_load = int(state["epoch"])
+        self.samples_per_epoch_at_load = int(state["samples_per_epoch"])
 
     def _log_settings(self) -> None:
         if not self.env.is_main:
