@@ -102,12 +102,21 @@ mimae_launch() {
     "not inside a Slurm job: submit with sbatch (or use the deepspeed launcher on one machine, see README)"
 
   # -- geometry: one task per GPU -------------------------------------------------------------
+  # SLURM_JOB_NUM_NODES is this run's allocation, but SLURM_NTASKS is the submission's: a job
+  # requeued onto another node count (`scontrol update JobId=.. NumNodes=..` while it is pending,
+  # or --nodes=MIN-MAX) still carries the old task count. The world is nodes x tasks per node.
   local nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
-  local world=${SLURM_NTASKS:-}
-  [[ -n "$world" ]] || mimae_die "$MIMAE_EXIT_CONFIG" "SLURM_NTASKS is unset: submit with --ntasks-per-node"
-  local per_node=${SLURM_NTASKS_PER_NODE:-$((world / nodes))}
-  ((per_node * nodes == world)) || mimae_die "$MIMAE_EXIT_CONFIG" \
-    "$world tasks do not spread evenly over $nodes nodes: use --ntasks-per-node"
+  local world per_node=${SLURM_NTASKS_PER_NODE:-}
+  if [[ -n "$per_node" ]]; then
+    mimae_require_count SLURM_NTASKS_PER_NODE "$per_node"
+    world=$((nodes * per_node))
+  else
+    world=${SLURM_NTASKS:-}
+    [[ -n "$world" ]] || mimae_die "$MIMAE_EXIT_CONFIG" "SLURM_NTASKS is unset: submit with --ntasks-per-node"
+    per_node=$((world / nodes))
+    ((per_node * nodes == world)) || mimae_die "$MIMAE_EXIT_CONFIG" \
+      "$world tasks do not spread evenly over $nodes nodes: use --ntasks-per-node"
+  fi
   if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]] && ((SLURM_GPUS_ON_NODE != per_node)); then
     mimae_die "$MIMAE_EXIT_CONFIG" "one task per GPU: --ntasks-per-node=$per_node but $SLURM_GPUS_ON_NODE GPUs per node"
   fi

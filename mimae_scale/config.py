@@ -168,6 +168,10 @@ class EvalConfig:
     pool: Literal["cls", "mean"] = "mean"  # features of the kNN monitor and mimae-eval: cls token or patch mean
 
 
+# The sections a resumed run must share with its checkpoint (everything else may change on resume).
+METHOD_SECTIONS = ("model", "mask", "mi", "loss")
+
+
 @dataclass
 class Config:
     run_dir: str = "runs/default"
@@ -193,11 +197,13 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def method(self) -> dict[str, Any]:
+        """The sections that define the model and the method: a checkpoint resumes only under equal ones."""
+        return {k: self.to_dict()[k] for k in METHOD_SECTIONS}
+
     def fingerprint(self) -> str:
-        """Hash of the settings that define the model and the method (not paths or logging)."""
-        keys = ("model", "mask", "mi", "loss")
-        blob = json.dumps({k: self.to_dict()[k] for k in keys}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """Hash of :meth:`method` (not paths, batch sizes, layout or logging)."""
+        return hashlib.sha256(json.dumps(self.method(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -185,6 +185,10 @@ class TrainingMetrics:
             "Unix time the last complete checkpoint was committed (its `latest` pointer moved).",
             LABELS, registry=reg,
         )
+        self._set_aside = counter(
+            "mimae_checkpoints_set_aside",
+            "Checkpoints found damaged or unloadable at resume and renamed damaged_<tag> (rank 0 counts).",
+        )
         # created per process only once CUDA is in use (absent on CPU runs)
         self._gpu_allocated = Gauge("mimae_gpu_memory_allocated_bytes", "Memory held by tensors.", LABELS,
                                     registry=reg)
@@ -303,3 +307,7 @@ class TrainingMetrics:
         """A checkpoint became complete (every rank wrote it, `latest` moved)."""
         self._ckpt_duration.labels(**self.labels).set(_number("duration_s", duration_s))
         self._ckpt_time.labels(**self.labels).set(_number("completed_unix_time", completed_unix_time))
+
+    def on_checkpoint_set_aside(self) -> None:
+        """A damaged checkpoint was renamed out of the way at resume (the previous one is used)."""
+        self._set_aside.inc()

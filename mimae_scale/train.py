@@ -2,7 +2,8 @@
 
 Exit status: 0 finished (schedule or train.max_steps); 75 stopped by SIGUSR2/SIGTERM after a
 checkpoint (requeue); 3 too many consecutive non-finite steps (last checkpoint intact); 2 bad
-configuration (nothing ran); 1 any other error.
+configuration or input (nothing ran: a config error, unusable shards, a checkpoint of another
+method, every checkpoint damaged), one line naming the setting or files; 1 any other error.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import argparse
 import logging
 
 from mimae_scale.config import ConfigError, load_config, validate
-from mimae_scale.engine.checkpoint import CheckpointMismatch
+from mimae_scale.data.shardset import DataError
+from mimae_scale.engine.checkpoint import CheckpointMismatch, CheckpointUnusable
 from mimae_scale.engine.distributed import detect_env
 from mimae_scale.engine.signals import StopRequest
 from mimae_scale.engine.trainer import EXIT_CONFIG, EXIT_ERROR, Trainer
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(cfg, env, stop)
     try:
         trainer.setup()
-    except (ConfigError, CheckpointMismatch) as exc:
+    except (ConfigError, DataError, CheckpointMismatch, CheckpointUnusable) as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         return EXIT_CONFIG
     return trainer.run()

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +83,14 @@ def promtool_check_metrics(text: str) -> subprocess.CompletedProcess:
 class PrometheusServer:
     """`prometheus` on a free loopback port with a throw-away TSDB; stop() terminates it."""
 
-    def __init__(self, config_file: Path, workdir: Path) -> None:
+    def __init__(self, config_file: Path, workdir: Path, prefix: Sequence[str] = ()) -> None:
+        """``prefix``: a command that runs the server, e.g. a multi-node cluster's name resolution."""
         self.port = free_port_block(1)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = (workdir / "prometheus.log").open("w")
         self.proc = subprocess.Popen(
             [
+                *prefix,
                 "prometheus",
                 f"--config.file={config_file}",
                 f"--storage.tsdb.path={workdir / 'tsdb'}",

@@ -1,7 +1,7 @@
 """A real one-node Slurm cluster on localhost for tests: munged, slurmctld and slurmd in a temp dir.
 
 Debian's ``slurm-wlm`` and ``munge`` packages (installed here when missing) start no daemons, so
-this module starts them itself, following ``../shared/docs/SERVICES.md``: munged as the munge user
+this module starts them itself: munged as the munge user
 with its files in a 0711 directory, slurmctld and slurmd in the foreground on loopback ports, and a
 ``cred_expire`` of 10 s so a requeued job reruns ~11 s later instead of ~121 s. Every client
 command needs ``SLURM_CONF``; :meth:`SlurmCluster.env` provides it. :meth:`stop` cancels what is
@@ -56,6 +56,9 @@ def _node_hardware() -> str:
 class SlurmCluster:
     """A one-node cluster (node ``localhost``, partition ``debug``) living in its own temp dir."""
 
+    controller = "localhost"  # SlurmctldHost
+    node_names: tuple[str, ...] = ("localhost",)
+
     def __init__(self, root: Path | None = None) -> None:
         # Not under pytest's 0700 tmp dirs: munged runs as another user and must reach its socket.
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="mimae-slurm-"))
@@ -71,9 +74,9 @@ class SlurmCluster:
         try:
             self._start_munge()
             self._write_conf()
-            self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-f", str(self.conf)])
-            self._spawn("slurmd", ["slurmd", "-D", "-N", "localhost", "-f", str(self.conf)])
-            self.wait_until(lambda: self.node_state() == "IDLE", ready_timeout, "node localhost idle")
+            self._start_daemons()
+            self.wait_until(lambda: all(self.node_state(n) == "IDLE" for n in self.node_names),
+                            ready_timeout, f"nodes {', '.join(self.node_names)} idle")
         except BaseException:
             self.stop()
             raise
@@ -105,6 +108,10 @@ class SlurmCluster:
 
     # -- set-up ----------------------------------------------------------------------------------
 
+    def _start_daemons(self) -> None:
+        self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-f", str(self.conf)])
+        self._spawn("slurmd", ["slurmd", "-D", "-N", "localhost", "-f", str(self.conf)])
+
     def _spawn(self, name: str, cmd: list[str], **kwargs) -> None:
         log = open(self.root / f"{name}.out", "ab")  # noqa: SIM115 - lives as long as the daemon
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(), **kwargs)
@@ -134,7 +141,7 @@ class SlurmCluster:
             (r / sub).mkdir()
         self.conf.write_text(f"""\
 ClusterName=mimaetest
-SlurmctldHost=localhost
+SlurmctldHost={self.controller}
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 SlurmUser=root
@@ -157,14 +164,19 @@ MinJobAge=600
 KillWait=5
 MailProg=/bin/true
 StateSaveLocation={r / "state"}
-SlurmdSpoolDir={r / "spool"}
 SlurmctldPidFile={r / "slurmctld.pid"}
-SlurmdPidFile={r / "slurmd.pid"}
 SlurmctldLogFile={r / "slurmctld.log"}
-SlurmdLogFile={r / "slurmd.log"}
-NodeName=localhost NodeAddr=127.0.0.1 {_node_hardware()} State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+{self._nodes_conf()}
+PartitionName=debug Nodes={",".join(self.node_names)} Default=YES MaxTime=INFINITE State=UP
 """)
+
+    def _nodes_conf(self) -> str:
+        r = self.root
+        return f"""\
+SlurmdSpoolDir={r / "spool"}
+SlurmdPidFile={r / "slurmd.pid"}
+SlurmdLogFile={r / "slurmd.log"}
+NodeName=localhost NodeAddr=127.0.0.1 {_node_hardware()} State=UNKNOWN"""
 
     # -- client commands -------------------------------------------------------------------------
 
@@ -178,8 +190,8 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
             raise SlurmError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
 
-    def node_state(self) -> str:
-        out = self.run(["sinfo", "-h", "-N", "-n", "localhost", "-o", "%T"], check=False).stdout
+    def node_state(self, node: str = "localhost") -> str:
+        out = self.run(["sinfo", "-h", "-N", "-n", node, "-o", "%T"], check=False).stdout
         return out.strip().upper()
 
     def sbatch(self, args: list[str], env: dict[str, str] | None = None) -> int:

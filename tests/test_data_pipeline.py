@@ -21,6 +21,7 @@ from shard_helpers import jpeg_bytes, write_id_shards
 from mimae_scale.config import load_config
 from mimae_scale.data import build_eval_loader, build_train_loader
 from mimae_scale.data.dali_loader import labels_from_ascii
+from mimae_scale.data.shardset import DataError
 
 N, PER_SHARD, BATCH = 103, 16, 8  # uneven: 7 tars, the last one short; 103 is prime
 BACKENDS = ["dali", "webdataset"]
@@ -162,8 +163,37 @@ def test_dali_reads_shards_written_by_webdataset_shardwriter(tmp_path: Path, see
 def test_missing_index_is_a_clear_error(tmp_path: Path, seed: int) -> None:
     with wds.TarWriter(str(tmp_path / "a.tar")) as w:
         w.write({"__key__": "x", "jpg": jpeg_bytes(np.random.default_rng(seed)), "cls": "0"})
-    with pytest.raises(FileNotFoundError, match="mimae-shards index"):
+    with pytest.raises(DataError, match="mimae-shards index"):
         build_train_loader(_cfg("dali", tmp_path / "a.tar"), 0, 1, CPU)
+
+
+@pytest.mark.parametrize("fault", ["missing shard", "unreadable index", "not a tar", "no shards", "no samples"])
+def test_bad_shard_sets_are_one_line_errors_naming_path_and_field(tmp_path: Path, fault: str) -> None:
+    """Every way a shard set can be unusable ends in a DataError that names the setting and the file."""
+    write_id_shards(tmp_path / "set", 6, 3)
+    tars = sorted((tmp_path / "set").glob("*.tar"))
+    spec, culprit = str(tmp_path / "set"), ""
+    if fault == "missing shard":
+        tars[1].unlink()
+        culprit = str(tars[1])
+    elif fault == "unreadable index":
+        culprit = str(tars[0].with_suffix(".idx"))
+        Path(culprit).write_bytes(b"\x89PNG not an index")
+    elif fault == "not a tar":
+        tars[0].write_bytes(b"PK\x03\x04" + bytes(600))  # a zip's header
+        culprit = str(tars[0])
+    elif fault == "no shards":
+        spec = culprit = str(tmp_path / "empty-{000..001}.tar")
+    else:
+        (tmp_path / "nolabel").mkdir()
+        with wds.TarWriter(str(tmp_path / "nolabel" / "a.tar")) as w:
+            w.write({"__key__": "x", "jpg": b"not used"})
+        assert shards_main(["index", str(tmp_path / "nolabel" / "a.tar")]) == 0
+        spec = culprit = str(tmp_path / "nolabel")
+    with pytest.raises(DataError) as info:
+        build_train_loader(_cfg("webdataset", spec), 0, 1, CPU)
+    message = str(info.value)
+    assert "\n" not in message and "data.train_shards" in message and culprit in message, message
 
 
 @pytest.mark.parametrize("world", [1, 2])

@@ -3,6 +3,7 @@ schedule, checkpoint bookkeeping. Multi-process training is in test_engine_multi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -146,25 +147,130 @@ def _marker(step: int) -> dict:
     return {"world_size": 1, "zero_stage": 1, "fingerprint": "abc", "method": {"model": {"depth": 2}}}
 
 
+class _Counter:
+    """A replicated TrainState component."""
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+def _state(value: int) -> ckpt.TrainState:
+    state = ckpt.TrainState()
+    state.register("counter", _Counter(value), replicated=True)
+    state.register("rng", ckpt.RngStreams(CPU), replicated=False)
+    return state
+
+
 def test_completion_protocol_latest_and_pruning(tmp_path, world_of_one):
     root = tmp_path / "checkpoints"
     manager = ckpt.CheckpointManager(root, rank=0, keep_last=2)
-    rank_state = {"loader": {"epoch": 0}, "rng": ckpt.rng_state(CPU)}
     for step in (5, 10):
-        manager.save(_FakeEngine(), step, {"step": step}, rank_state, _marker(step))
+        manager.save(_FakeEngine(), step, _state(step), _marker(step))
     assert (root / "latest").read_text().strip() == "step_000000010"
     # an interrupted save: DeepSpeed's files are there, the marker is not
     (root / "step_000000015").mkdir()
     (root / "step_000000015" / "mp_rank_00_model_states.pt").write_bytes(b"torn")
     assert [c.step for c in manager.complete()] == [5, 10]
     assert manager.newest().tag == "step_000000010"
-    manager.save(_FakeEngine(), 20, {"step": 20}, rank_state, _marker(20))
+    manager.save(_FakeEngine(), 20, _state(20), _marker(20))
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000000010", "step_000000020"]
     info = json.loads((root / "step_000000020" / ckpt.MARKER).read_text())
     assert info["step"] == 20 and info["tag"] == "step_000000020"
+    assert sorted(info["files"]) == ["mimae_rank00000.pt", "mp_rank_00_model_states.pt"]
+    for name, entry in info["files"].items():  # sizes and sha256 sums recomputed independently
+        data = (root / "step_000000020" / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert not list(root.rglob("*.tmp"))
-    loaded = torch.load(root / "step_000000020" / ckpt.rank_file(0), weights_only=True)
-    assert loaded["loader"] == {"epoch": 0}
+    client = torch.load(root / "step_000000020" / "mp_rank_00_model_states.pt", weights_only=True)
+    assert client["counter"] == {"value": 20} and client["format"] == ckpt.FORMAT
+    mine = torch.load(root / "step_000000020" / ckpt.rank_file(0), weights_only=True)
+    assert set(mine) == {"format", "rng"}
+
+
+def _loader_into(state: ckpt.TrainState, root: Path):
+    """What the trainer's load does, for the fake engine: read the files, hand them to the state."""
+
+    def load(chosen: ckpt.Complete) -> None:
+        folder = root / chosen.tag
+        client = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=True)
+        state.load(client, torch.load(folder / ckpt.rank_file(0), weights_only=True), folder)
+
+    return load
+
+
+def _flip_bytes(path: Path, gen: torch.Generator) -> None:
+    data = bytearray(path.read_bytes())
+    at = int(torch.randint(0, len(data), (1,), generator=gen))
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped bytes", "missing latest", "marker lists a missing file",
+                                    "unreadable marker"])
+def test_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path, world_of_one, damage, gen):
+    root = tmp_path / "checkpoints"
+    set_aside: list[str] = []
+    manager = ckpt.CheckpointManager(root, rank=0, keep_last=3, on_set_aside=set_aside.append)
+    for step in (4, 8):
+        manager.save(_FakeEngine(), step, _state(step), _marker(step))
+    newest = root / "step_000000008"
+    model_states = newest / "mp_rank_00_model_states.pt"
+    if damage == "truncated":
+        model_states.write_bytes(model_states.read_bytes()[: model_states.stat().st_size // 2])
+    elif damage == "flipped bytes":
+        _flip_bytes(model_states, gen)
+    elif damage == "missing latest":
+        (root / "latest").unlink()
+    elif damage == "marker lists a missing file":
+        (newest / ckpt.rank_file(0)).unlink()
+    else:
+        (newest / ckpt.MARKER).write_text('{"step": 8, "files": {')
+    state = _state(0)
+    chosen = manager.resume(_loader_into(state, root))
+    expected = 8 if damage == "missing latest" else 4
+    assert chosen.step == expected and state.replicated["counter"].value == expected
+    assert (root / "latest").read_text().strip() == chosen.tag
+    if damage == "missing latest":
+        assert set_aside == [] and newest.is_dir()
+    else:
+        assert set_aside == ["step_000000008"] and not newest.exists()
+        assert (root / "damaged_step_000000008").is_dir()  # renamed, never deleted
+        manager.save(_FakeEngine(), 12, _state(12), _marker(12))  # pruning leaves it alone
+        assert (root / "damaged_step_000000008").is_dir()
+
+
+def test_every_checkpoint_damaged_is_one_error_naming_the_files(tmp_path, world_of_one, gen):
+    root = tmp_path / "checkpoints"
+    manager = ckpt.CheckpointManager(root, rank=0, keep_last=2)
+    for step in (4, 8):
+        manager.save(_FakeEngine(), step, _state(step), _marker(step))
+    _flip_bytes(root / "step_000000004" / "mp_rank_00_model_states.pt", gen)
+    rank_file = root / "step_000000008" / ckpt.rank_file(0)
+    rank_file.write_bytes(rank_file.read_bytes()[:10])
+    with pytest.raises(ckpt.CheckpointUnusable) as info:
+        manager.resume(_loader_into(_state(0), root))
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(root / "step_000000004" / "mp_rank_00_model_states.pt") in message
+    assert str(rank_file) in message
+    assert sorted(p.name for p in root.iterdir()) == ["damaged_step_000000004", "damaged_step_000000008", "latest"]
+    assert manager.resume(_loader_into(_state(0), root)) is None  # nothing left: a fresh start
+
+
+def test_a_checkpoint_that_verifies_but_does_not_load_is_set_aside(tmp_path, world_of_one):
+    root = tmp_path / "checkpoints"
+    manager = ckpt.CheckpointManager(root, rank=0, keep_last=2)
+    manager.save(_FakeEngine(), 4, _state(4), _marker(4))
+    other = ckpt.TrainState()  # registers a component the checkpoint does not hold
+    other.register("missing", _Counter(), replicated=True)
+    with pytest.raises(ckpt.CheckpointUnusable, match="does not load: KeyError"):
+        manager.resume(_loader_into(other, root))
 
 
 def test_rng_state_round_trip():
@@ -180,13 +286,13 @@ def test_rng_state_round_trip():
 
 
 def test_resume_refusals_name_the_difference(tmp_path):
-    chosen = ckpt.Complete("step_000000100", 100, world_size=4, zero_stage=1, fingerprint="old",
-                           method={"model": {"depth": 12, "embed_dim": 768}, "mask": {"num_masks": 4}})
-    now = {"model": {"depth": 24, "embed_dim": 768}, "mask": {"num_masks": 4}}
-    with pytest.raises(ckpt.CheckpointMismatch, match=r"model.depth: checkpoint 12, now 24") as info:
-        ckpt.check_resumable(chosen, "new", now, 4, 1, tmp_path)
+    old = load_config("tiny", ["model.depth=3"])
+    chosen = ckpt.Complete("step_000000100", 100, world_size=4, zero_stage=1, fingerprint=old.fingerprint(),
+                           method=old.method(), files={})
+    with pytest.raises(ckpt.CheckpointMismatch, match=r"model.depth: checkpoint 3, now 2") as info:
+        ckpt.check_resumable(chosen, load_config("tiny"), 4, tmp_path)
     assert "embed_dim" not in str(info.value)
-    same = chosen.method
-    with pytest.raises(ckpt.CheckpointMismatch, match="written by 4 ranks.*ds_to_universal"):
-        ckpt.check_resumable(chosen, "old", same, 2, 1, tmp_path)
-    ckpt.check_resumable(chosen, "old", same, 4, 1, tmp_path)  # resumable: no exception
+    with pytest.raises(ckpt.CheckpointMismatch, match=r"model.depth: checkpoint 3, now 2"):
+        ckpt.RunConfig(load_config("tiny")).load_state_dict(old.to_dict())  # the same rule, from the state
+    ckpt.RunConfig(load_config("tiny", ["model.depth=3", "train.epochs=9"])).load_state_dict(old.to_dict())
+    ckpt.check_resumable(chosen, load_config("tiny", ["model.depth=3", "optim.base_lr=1e-3"]), 4, tmp_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,8 @@ import psutil
 import pytest
 import torch
 
-from mimae_scale.engine.checkpoint import MARKER
+from mimae_scale.config import load_config
+from mimae_scale.engine.checkpoint import FORMAT, MARKER
 from mimae_scale.engine.distributed import free_port
 
 pytestmark = pytest.mark.slow
@@ -214,9 +216,10 @@ def test_plain_process_runs_and_bad_settings_exit_2(tmp_path):
     assert done.stdout.count("INFO checkpoint ") == 3  # steps 1, 2, 3
     assert complete_steps(run) == [2, 3]  # keep_last 2
     assert (run / "config.yaml").exists() and (run / "ds_config.json").exists()
-    # our client state rides in DeepSpeed's model-states file (our own file: full unpickling is fine)
+    # our replicated state rides in DeepSpeed's model-states file (our own file: full unpickling is fine)
     states = torch.load(run / "checkpoints" / "step_000000003" / "mp_rank_00_model_states.pt", weights_only=False)
-    assert states["format"] == "mimae_scale/1" and states["step"] == 3 and states["samples"] == 3 * 32
+    assert states["format"] == FORMAT and states["trainer"]["step"] == 3 and states["trainer"]["samples"] == 3 * 32
+    assert states["config"] == load_config("tiny", [*cmd[4:], *timed]).to_dict()
     assert states["universal_checkpoint_info"]  # what ds_to_universal needs to convert it
     assert set(states["critic"]) == {"net", "optimizer"}  # CLUB's q and its own Adam, outside the engine
 
@@ -227,3 +230,98 @@ def test_plain_process_runs_and_bad_settings_exit_2(tmp_path):
                            timeout=TIMEOUT)
     assert other.returncode == 2, other.stdout[-3000:]
     assert "model.depth: checkpoint 2, now 3" in other.stdout
+
+
+def test_damaged_checkpoints_fall_back_or_stop_with_one_line_and_a_tag_folder_exports_alone(tmp_path):
+    """One plain process on synthetic data: the newest checkpoint truncated -> set aside, resumed from
+    the previous one; every checkpoint damaged -> exit 2, one line naming the files, no traceback;
+    a bad shard path -> exit 2, one line; a tag folder copied alone exports without --config."""
+    run = tmp_path / "run"
+    base = [sys.executable, "mimae_scale/train.py", "--config", "tiny", f"run_dir={run}", "train.log_every=1",
+            "checkpoint.every_steps=2", "checkpoint.keep_last=3", *TRAIN]
+    synthetic = ["data.backend=synthetic", "train.steps_per_epoch=8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train_py(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*base, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+    done = train_py(*synthetic, "train.max_steps=4")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert complete_steps(run) == [2, 4]
+
+    # the tag folder alone, elsewhere: the config travels inside it
+    alone = tmp_path / "copied" / "step_000000004"
+    shutil.copytree(run / "checkpoints" / "step_000000004", alone)
+    export = Path(sys.executable).parent / "mimae-export"
+    out = subprocess.run([str(export), str(alone), str(tmp_path / "enc.pth"), "--format", "mae"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert torch.load(tmp_path / "enc.pth", weights_only=True)["model"]
+
+    states = run / "checkpoints" / "step_000000004" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:1000])  # a partial copy / full disk
+    done = train_py(*synthetic, "train.max_steps=6")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "CHECKPOINT DAMAGED" in done.stdout and "step_000000002: step 2" in done.stdout
+    assert (run / "checkpoints" / "damaged_step_000000004").is_dir()
+    assert complete_steps(run) == [2, 4, 6]  # step 4 written again by the resumed run
+
+    for step in (2, 4, 6):
+        rank_file = run / "checkpoints" / f"step_{step:09d}" / "mimae_rank00000.pt"
+        rank_file.write_bytes(b"\0" * rank_file.stat().st_size)  # same size, other bytes
+    done = train_py(*synthetic, "train.max_steps=8")
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    errors = [line for line in done.stdout.splitlines() if "ERROR" in line]
+    assert len(errors) == 4 and "Traceback" not in done.stdout + done.stderr  # 3 set aside, then the verdict
+    assert "CheckpointUnusable" in errors[-1] and all(f"step_{s:09d}" in errors[-1] for s in (2, 4, 6))
+
+    missing = tmp_path / "nowhere" / "train-{000000..000003}.tar"
+    done = train_py("data.backend=webdataset", f"data.train_shards={missing}", f"run_dir={tmp_path / 'other'}")
+    assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr
+    errors = [line for line in done.stdout.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "data.train_shards" in errors[0] and "train-000000.tar" in errors[0], errors
+
+
+def _plain(run: Path, overrides: list[str], log: Path) -> int:
+    """train.py as one plain process (a world of one), output to ``log``."""
+    cmd = [sys.executable, "mimae_scale/train.py", "--config", "tiny", f"run_dir={run}", *overrides]
+    with open(log, "w") as out:
+        return subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=TIMEOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_resume_on_another_number_of_ranks(tmp_path, demo_data, stage):
+    """2 ranks -> 1 rank (-> 2 ranks under ZeRO 3) through DeepSpeed's universal checkpoint: converted
+    once, beside the original; the epoch interrupted by the change is replayed from its start on the
+    new layout (its LR and steps again, every sample seen, those seen before counted), and the weights
+    and optimiser state carry over: the loss goes on from where it was, not from a fresh model."""
+    run = tmp_path / "run"
+    # 240 images, 48 per step: 5 steps per epoch on 2 ranks (24 each) and on 1 (2 x 24), so the
+    # schedule is the same on both layouts
+    settings = [*demo_data, "train.global_batch=48", "train.micro_batch=24", "train.log_every=1",
+                "checkpoint.every_steps=3", f"engine.zero_stage={stage}", "optim.base_lr=3e-3",
+                "optim.warmup_epochs=0.4", "train.epochs=4"]
+    job = train(run, [*settings, "train.max_steps=8"], tmp_path / "two.log")
+    assert job.wait() == 0, job.output[-4000:]
+    before = {r["step"]: r for r in records(run)}
+    assert complete_steps(run) == [6, 8]  # step 8: mid-epoch 1 (steps 6-10)
+
+    assert _plain(run, [*settings, "train.max_steps=9"], tmp_path / "one.log") == 0
+    one = (tmp_path / "one.log").read_text()
+    assert "converted" in one and "universal format" in one and "layout changed (2 ranks -> 1)" in one
+    assert "resuming at the start of epoch 1, step 5; 144 samples of that epoch seen before the stop are seen again" \
+        in one
+    assert (run / "checkpoints" / "step_000000008" / "universal" / MARKER).is_file()
+    after = {r["step"]: r for r in records(run)[len(before):]}
+    assert sorted(after) == [6, 7, 8, 9]
+    for step in (6, 7, 8):
+        assert after[step]["lr"] == pytest.approx(before[step]["lr"], rel=1e-9)  # the same schedule
+    # the weights came back trained (a fresh model would start near step 1's loss; these samples
+    # were also trained on before the stop)
+    assert after[6]["loss_rec"] < 0.95 * before[1]["loss_rec"], (before[1], after[6])
+    if stage == 3:  # and back to 2 ranks: the 1-rank checkpoint of step 9 converts the same way
+        job = train(run, [*settings, "train.max_steps=11"], tmp_path / "back.log")
+        assert job.wait() == 0, job.output[-4000:]
+        assert "layout changed (1 ranks -> 2)" in job.output and "start of epoch 1, step 5" in job.output
+        assert records(run)[-1]["step"] == 11

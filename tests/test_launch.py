@@ -175,6 +175,17 @@ def test_launcher_refuses_bad_geometry(slurm):
     assert proc.returncode == EXIT_CONFIG and "MIMAE_GLOBAL_BATCH=4k: expected a positive integer" in proc.stderr
 
 
+@pytest.mark.slow
+def test_job_requeued_onto_fewer_nodes_plans_for_this_allocation(slurm):
+    """A job shrunk while pending (``scontrol update NumNodes=``) or sized by ``--nodes=MIN-MAX``
+    keeps the submission's SLURM_NTASKS: the plan follows this run's nodes x tasks per node."""
+    proc = dry_run(slurm, "vit_l_1600ep.sh", 1, 8, gpus=8, extra_env={"SLURM_NTASKS": "16"})
+    assert proc.returncode == 0, proc.stderr
+    _, srun = planned_command(proc.stdout)
+    assert srun[1:3] == ["--ntasks=8", "--ntasks-per-node=8"]
+    assert "1 node(s) x 8 rank(s) = 8" in proc.stderr
+
+
 def tiny_job_env(tmp_path: Path) -> dict[str, str]:
     """Site settings for a CPU run of the tiny config inside the real launcher."""
     return {

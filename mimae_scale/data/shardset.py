@@ -19,6 +19,11 @@ import braceexpand
 from mimae_scale.data_tools.index import index_path_for
 
 REQUIRED_COMPONENTS = ("jpg", "cls")
+TAR_MAGIC_OFFSET, TAR_MAGIC = 257, b"ustar"  # POSIX/GNU tar header: "ustar" at byte 257 of the first block
+
+
+class DataError(ValueError):
+    """A shard set that cannot be trained on; the one-line message names the path and the setting."""
 
 
 @dataclass(frozen=True)
@@ -34,47 +39,80 @@ class ShardSet:
         return sum(self.counts)
 
 
-def _count_usable(idx_path: Path) -> tuple[int, int]:
-    lines = idx_path.read_text().splitlines()
-    usable = sum(1 for line in lines[1:] if all(e in line.split()[0::4] for e in REQUIRED_COMPONENTS))
-    return usable, len(lines) - 1 - usable
+def _count_usable(idx_path: Path, where: str) -> tuple[int, int]:
+    try:
+        lines = idx_path.read_text().splitlines()
+        fields = [line.split() for line in lines[1:]]
+        if not lines or not lines[0].startswith("v1") or any(len(f) < 4 or len(f) % 4 != 0 for f in fields):
+            raise ValueError("not a DALI index (each line: ext offset size name, repeated per component)")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{where}: unreadable DALI index {idx_path}: {exc}; rewrite it with "
+                        "`mimae-shards index`") from None
+    usable = sum(1 for f in fields if all(e in f[0::4] for e in REQUIRED_COMPONENTS))
+    return usable, len(fields) - usable
+
+
+def _check_tar(tar: str, where: str) -> None:
+    """A regular, readable file that starts with a tar header (not a zip, an image or a folder)."""
+    path = Path(tar)
+    if not path.exists():
+        raise DataError(f"{where}: missing shard {tar}")
+    if not path.is_file():
+        raise DataError(f"{where}: {tar} is not a file")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError as exc:
+        raise DataError(f"{where}: cannot read shard {tar}: {exc}") from None
+    if head[TAR_MAGIC_OFFSET : TAR_MAGIC_OFFSET + len(TAR_MAGIC)] != TAR_MAGIC:
+        raise DataError(f"{where}: {tar} is not a tar archive (no tar header); shards are written by `mimae-shards`")
+
+
+def _manifest_tars(root: Path, where: str) -> tuple[list[str], list[str]]:
+    manifest_path = root / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        return [str(root / s["name"]) for s in manifest["shards"]], list(manifest["classes"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{where}: unreadable shard manifest {manifest_path}: {exc!r}") from None
 
 
 def resolve_shards(spec: str, field: str = "data.train_shards") -> ShardSet:
-    """The tars, index files and usable-sample counts named by ``spec``; clear errors otherwise."""
+    """The tars, index files and usable-sample counts named by ``spec``; a :class:`DataError`
+    naming the path and ``field`` otherwise (missing or foreign files, bad index, nothing usable)."""
     if not spec:
-        raise ValueError(f"{field} is empty: point it at a shard set directory (mimae-shards build/demo)")
+        raise DataError(f"{field} is empty: point it at a shard set directory (mimae-shards build/demo)")
+    where = f"{field}={spec!r}"
     root = Path(spec)
     classes = None
     if root.is_dir():
-        manifest_path = root / "manifest.json"
-        if manifest_path.exists():
-            manifest = json.loads(manifest_path.read_text())
-            tars = [str(root / s["name"]) for s in manifest["shards"]]
-            classes = list(manifest["classes"])
+        if (root / "manifest.json").exists():
+            tars, classes = _manifest_tars(root, where)
         else:
             tars = sorted(str(p) for p in root.glob("*.tar"))
     else:
         tars = list(braceexpand.braceexpand(spec))
     if not tars:
-        raise ValueError(f"{field}={spec!r}: no tar shards found")
+        raise DataError(f"{where}: no tar shards found")
     missing = [t for t in tars if not Path(t).exists()]
     if missing:
-        raise FileNotFoundError(f"{field}={spec!r}: missing shard {missing[0]} ({len(missing)} missing)")
+        raise DataError(f"{where}: missing shard {missing[0]} ({len(missing)} of {len(tars)} missing)")
+    for tar in tars:
+        _check_tar(tar, where)
     indexes = [str(index_path_for(t)) for t in tars]
     no_index = [i for i in indexes if not Path(i).exists()]
     if no_index:
-        raise FileNotFoundError(
-            f"{field}={spec!r}: missing DALI index {no_index[0]} ({len(no_index)} missing); "
+        raise DataError(
+            f"{where}: missing DALI index {no_index[0]} ({len(no_index)} missing); "
             "write them with `mimae-shards index TAR...`"
         )
     counts, skipped = [], 0
     for idx in indexes:
-        usable, bad = _count_usable(Path(idx))
+        usable, bad = _count_usable(Path(idx), where)
         counts.append(usable)
         skipped += bad
     if sum(counts) == 0:
-        raise ValueError(f"{field}={spec!r}: no usable samples (each needs .jpg and .cls)")
+        raise DataError(f"{where}: no usable samples (each needs .jpg and .cls)")
     return ShardSet(tars, indexes, counts, skipped, classes)
 
 

@@ -5,42 +5,68 @@ Layout of ``<run_dir>/checkpoints/``::
     step_000000500/                 one checkpoint ("tag"), written by every rank
         mp_rank_00_model_states.pt  DeepSpeed: module (+ our client state, rank 0's copy)
         *_optim_states.pt           DeepSpeed: ZeRO partitions, one per rank
-        mimae_rank00000.pt          ours: that rank's data-loader position and RNG states
-        mimae_complete.json         ours: written by rank 0 only after every rank finished
+        mimae_rank00000.pt          ours: that rank's share of the TrainState (loader position, RNG)
+        mimae_complete.json         ours: written by rank 0 only after every rank finished; lists
+                                    every file above with its size and sha256
     latest                          name of the newest complete tag (moved atomically)
+    damaged_step_000000400/         a checkpoint that failed verification, set aside (never deleted)
 
 A tag without ``mimae_complete.json`` was interrupted: it is never loaded and is deleted by the
 next save. ``latest`` is moved (write a temporary file, then ``os.replace``) only after the marker,
 so a crash at any moment leaves the previous checkpoint complete and chosen on restart.
+
+Before a checkpoint is loaded, the sizes and sha256 sums of the files its marker lists are checked
+(each rank checks a share of the files); a damaged one, or one DeepSpeed cannot read, is renamed
+``damaged_<tag>`` with an error in the log and the ``mimae_checkpoints_set_aside_total`` metric,
+and the next older complete checkpoint is tried. When none is usable, :class:`CheckpointUnusable`
+(one line naming the files; train.py exits 2).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 
+from mimae_scale.config import METHOD_SECTIONS, Config
 from mimae_scale.engine import faults
 
 log = logging.getLogger("mimae_scale.engine")
 
 MARKER = "mimae_complete.json"
 LATEST = "latest"
-FORMAT = "mimae_scale/1"
+FORMAT = "mimae_scale/2"
+UNIVERSAL = "universal"  # the tag's universal-format copy, for resuming on another number of ranks
+CONFIG_KEY = "config"  # the run's config in the client state (evaluation and export read it there)
+DAMAGED_PREFIX = "damaged_"  # not "step_*": never pruned, never chosen
+CHUNK = 8 << 20  # bytes read at a time while hashing
 
 
 class CheckpointMismatch(RuntimeError):
     """The run directory's checkpoint cannot be resumed by this run (config or world size differ)."""
+
+
+class CheckpointUnusable(RuntimeError):
+    """Every complete checkpoint of the run failed verification or loading (all set aside)."""
 
 
 def tag_for(step: int) -> str:
@@ -72,6 +98,54 @@ def _fsync_tree(directory: Path) -> None:
         os.close(fd)
 
 
+# -- integrity ------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe(tag_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """{relative name: {"size", "sha256"}} of ``names`` under ``tag_dir``."""
+    return {name: {"size": (tag_dir / name).stat().st_size, "sha256": sha256_file(tag_dir / name)} for name in names}
+
+
+def problems_in(tag_dir: Path, files: dict[str, dict[str, Any]]) -> list[str]:
+    """What differs from the marker's record of ``files``: missing, wrong size, wrong checksum."""
+    found = []
+    for name, want in sorted(files.items()):
+        path = tag_dir / name
+        try:
+            size = path.stat().st_size
+            if size != want["size"]:
+                found.append(f"{path} has {size} bytes, the marker says {want['size']}")
+            elif sha256_file(path) != want["sha256"]:
+                found.append(f"{path} fails its sha256 check")
+        except OSError as exc:
+            found.append(f"{path}: {exc.strerror or exc}")
+    return found
+
+
+def _all_ranks(mine: Any) -> list[Any]:
+    """Every rank's ``mine``, in rank order (just ``[mine]`` without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [mine]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def _shared(items: list[Any]) -> list[Any]:
+    """This rank's share of ``items`` (every rank hashes a part of the files, in parallel)."""
+    if not dist.is_initialized():
+        return items
+    return items[dist.get_rank() :: dist.get_world_size()]
+
+
 # -- the state we add to DeepSpeed's ------------------------------------------------------------
 
 
@@ -97,6 +171,85 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class RngStreams:
+    """This process's Python, NumPy and torch (CUDA) generators as a :class:`Stateful`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state(self.device)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state, self.device)
+
+
+class RunConfig:
+    """The run's whole config in the checkpoint (evaluation and export read it from a tag folder
+    alone); loading it refuses a checkpoint whose method sections differ from this run's."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.cfg.to_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        diffs = _diff({k: state.get(k) for k in METHOD_SECTIONS}, self.cfg.method())
+        if diffs:
+            raise CheckpointMismatch("the checkpoint was written with another model/method configuration: "
+                                     + "; ".join(diffs))
+
+
+class TrainState:
+    """The one owner of what a checkpoint holds beside DeepSpeed's engine (torchtitan's pattern).
+
+    Components register under a name. ``replicated`` ones are identical on every rank (counters, the
+    config, a replicated network): saved once, in DeepSpeed's client state of the model-states file,
+    which evaluation and export read. The others are each rank's own (loader position, RNG streams):
+    saved in that rank's ``mimae_rankNNNNN.pt``. Loading hands each component back its own entry.
+    """
+
+    def __init__(self) -> None:
+        self.replicated: dict[str, Stateful] = {}
+        self.per_rank: dict[str, Stateful] = {}
+
+    def register(self, name: str, component: Stateful, *, replicated: bool) -> None:
+        if name in self.replicated or name in self.per_rank or name == "format":
+            raise ValueError(f"TrainState: {name!r} is registered twice")
+        (self.replicated if replicated else self.per_rank)[name] = component
+
+    def client_state(self) -> dict[str, Any]:
+        # UNIVERSAL_CHECKPOINT_INFO: what DeepSpeed's ds_to_universal needs to convert the checkpoint
+        # for another layout (data parallel only: no tensor-parallel merge patterns)
+        return {"format": FORMAT, **{name: c.state_dict() for name, c in self.replicated.items()},
+                UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+
+    def rank_state(self) -> dict[str, Any]:
+        return {"format": FORMAT, **{name: c.state_dict() for name, c in self.per_rank.items()}}
+
+    def load(self, client: dict[str, Any], rank_state: dict[str, Any] | None, where: Path,
+             skip: tuple[str, ...] = ()) -> None:
+        """Hand every component its entry; ``rank_state`` None: this rank has no file of its own (the
+        checkpoint was written by fewer ranks) and its per-rank components keep their fresh state;
+        ``skip``: per-rank components whose saved state does not apply (another layout)."""
+        for part in (client, rank_state or {"format": FORMAT}):
+            if part.get("format") != FORMAT:
+                raise CheckpointMismatch(f"{where}: format {part.get('format')!r}, this version reads {FORMAT!r}")
+        for name, component in self.replicated.items():
+            component.load_state_dict(client[name])
+        if rank_state is not None:
+            for name, component in self.per_rank.items():
+                if name not in skip:
+                    component.load_state_dict(rank_state[name])
+
+
 @dataclass(frozen=True)
 class Complete:
     """What the completion marker says about a checkpoint (readable without loading it)."""
@@ -107,24 +260,41 @@ class Complete:
     zero_stage: int
     fingerprint: str
     method: dict[str, Any]  # the config sections the fingerprint covers
+    files: dict[str, dict[str, Any]]  # relative name -> {"size", "sha256"}
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class CheckpointManager:
-    def __init__(self, root: Path, rank: int, keep_last: int) -> None:
+    def __init__(self, root: Path, rank: int, keep_last: int,
+                 on_set_aside: Callable[[str], None] | None = None) -> None:
         self.root = root
         self.rank = rank
         self.keep_last = keep_last
+        self.on_set_aside = on_set_aside or (lambda tag: None)
 
     # -- reading -------------------------------------------------------------------------------
 
+    def _markers(self) -> tuple[list[Complete], list[str]]:
+        """(complete checkpoints oldest first, tags whose marker cannot be read)."""
+        found, unreadable = [], []
+        for marker in self.root.glob(f"step_*/{MARKER}"):
+            try:
+                info = json.loads(marker.read_text())
+                found.append(Complete(marker.parent.name, info["step"], info["world_size"], info["zero_stage"],
+                                      info["fingerprint"], info["method"], info["files"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                unreadable.append(marker.parent.name)
+        return sorted(found, key=lambda c: c.step), sorted(unreadable)
+
     def complete(self) -> list[Complete]:
         """Complete checkpoints, oldest first."""
-        found = []
-        for marker in self.root.glob(f"step_*/{MARKER}"):
-            info = json.loads(marker.read_text())
-            found.append(Complete(marker.parent.name, info["step"], info["world_size"], info["zero_stage"],
-                                  info["fingerprint"], info["method"]))
-        return sorted(found, key=lambda c: c.step)
+        return self._markers()[0]
 
     def newest(self) -> Complete | None:
         done = self.complete()
@@ -132,8 +302,7 @@ class CheckpointManager:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def save(self, engine, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
-             marker: dict[str, Any]) -> Path:
+    def save(self, engine, step: int, state: TrainState, marker: dict[str, Any]) -> Path:
         """Every rank calls this at the same step. Returns the tag directory once it is complete."""
         tag = tag_for(step)
         tag_dir = self.root / tag
@@ -143,15 +312,21 @@ class CheckpointManager:
             if tag_dir.exists():  # left by a save that crashed at this step before: never half-reuse it
                 shutil.rmtree(tag_dir)
         dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=state.client_state(), save_latest=False)
         tmp = tag_dir / (rank_file(self.rank) + ".tmp")
-        torch.save(rank_state, tmp)
+        torch.save(state.rank_state(), tmp)
         os.replace(tmp, tag_dir / rank_file(self.rank))
         faults.maybe_crash_in_save(step, self.rank)
         dist.barrier()  # every rank has written everything it owns
+        names = [sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file())]
+        dist.broadcast_object_list(names, src=0)  # rank 0's listing is the checkpoint
+        files: dict[str, dict[str, Any]] = {}
+        for part in _all_ranks(describe(tag_dir, _shared(names[0]))):
+            files.update(part)
         if self.rank == 0:
             _fsync_tree(tag_dir)
-            _write_atomic(tag_dir / MARKER, json.dumps({"tag": tag, "step": step, **marker}, indent=2) + "\n")
+            record = {"tag": tag, "step": step, **marker, "files": dict(sorted(files.items()))}
+            _write_atomic(tag_dir / MARKER, json.dumps(record, indent=1) + "\n")
             _write_atomic(self.root / LATEST, tag + "\n")
             self._prune(keep=tag)
         dist.barrier()  # nobody leaves (or exits) before the checkpoint counts
@@ -159,10 +334,11 @@ class CheckpointManager:
         return tag_dir
 
     def _prune(self, keep: str) -> None:
-        """Delete complete checkpoints beyond the newest ``keep_last`` and every interrupted one."""
+        """Delete complete checkpoints beyond the newest ``keep_last`` and every interrupted one (a
+        tag with no marker at all; one whose marker cannot be read is left for resume to set aside)."""
         complete = [c.tag for c in self.complete()]
         doomed = set(complete[: -self.keep_last])
-        doomed |= {p.name for p in self.root.glob("step_*") if p.is_dir() and p.name not in complete}
+        doomed |= {p.name for p in self.root.glob("step_*") if p.is_dir() and not (p / MARKER).exists()}
         doomed.discard(keep)
         for name in sorted(doomed):
             marker = self.root / name / MARKER
@@ -171,35 +347,114 @@ class CheckpointManager:
 
     # -- loading -------------------------------------------------------------------------------
 
-    def load(self, engine, chosen: Complete, device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Load a complete checkpoint; returns (client state, this rank's state)."""
-        path, client_state = engine.load_checkpoint(str(self.root), tag=chosen.tag)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / chosen.tag}")
-        rank_state = torch.load(self.root / chosen.tag / rank_file(self.rank), map_location="cpu",
-                                weights_only=True)
-        return client_state, rank_state
+    def verify(self, chosen: Complete) -> list[str]:
+        """Problems with ``chosen``'s files (empty: every file has its recorded size and sha256).
+        Collective when a process group exists: each rank checks a share, all get every problem."""
+        names = sorted(chosen.files)
+        mine = problems_in(self.root / chosen.tag, {n: chosen.files[n] for n in _shared(names)})
+        return [problem for part in _all_ranks(mine) for problem in part]
+
+    def set_aside(self, tag: str, problems: list[str]) -> Path:
+        """Rename a damaged checkpoint out of the way (rank 0; never deleted), warn loudly."""
+        target = self.root / f"{DAMAGED_PREFIX}{tag}"
+        n = 1
+        while target.exists():
+            target, n = self.root / f"{DAMAGED_PREFIX}{tag}.{n}", n + 1
+        if self.rank == 0:
+            os.replace(self.root / tag, target)
+            log.error("CHECKPOINT DAMAGED: %s set aside as %s (kept for inspection): %s", self.root / tag, target,
+                      "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more" if len(problems) > 5 else ""))
+            self.on_set_aside(tag)
+        if dist.is_initialized():
+            dist.barrier()
+        return target
+
+    def resume(self, load: Callable[[Complete], None]) -> Complete | None:
+        """Load the newest complete checkpoint that verifies and loads (``load`` raises otherwise),
+        setting aside every newer one that does not. None: there is no checkpoint at all.
+        Every rank calls this and takes the same decisions."""
+        candidates, unreadable = self._markers()
+        damaged: list[str] = []
+        for tag in unreadable:
+            damaged.append(str(self.root / tag / MARKER))
+            self.set_aside(tag, [f"{self.root / tag / MARKER} cannot be read"])
+        for chosen in reversed(candidates):
+            problems = self.verify(chosen)
+            if not problems:
+                try:
+                    load(chosen)
+                except (CheckpointMismatch, CheckpointUnusable):
+                    raise
+                except Exception as exc:  # torch.load / DeepSpeed on a file that passed its checks
+                    problems = [f"{self.root / chosen.tag} does not load: {type(exc).__name__}: {exc}"]
+                problems = [p for part in _all_ranks(problems) for p in part]
+            if not problems:
+                self._point_latest(chosen)
+                return chosen
+            damaged += problems
+            self.set_aside(chosen.tag, problems)
+        if damaged:
+            raise CheckpointUnusable(f"no usable checkpoint in {self.root}, all set aside as damaged: "
+                                     + "; ".join(damaged))
+        return None
+
+    def universal(self, chosen: Complete) -> Path:
+        """``<tag>/universal``: the checkpoint in DeepSpeed's universal format (any number of ranks),
+        converted once by rank 0 with DeepSpeed's ``ds_to_universal`` and kept beside the original with
+        its own marker; a conversion that was interrupted or damaged is redone. Collective."""
+        tag_dir = self.root / chosen.tag
+        out = tag_dir / UNIVERSAL
+        if self.rank == 0:
+            info = _read_marker(out / MARKER)
+            if info is None or problems_in(out, info["files"]):
+                self._convert(tag_dir, out)
+        if dist.is_initialized():
+            dist.barrier()
+        return out
+
+    def _convert(self, tag_dir: Path, out: Path) -> None:
+        work = tag_dir / (UNIVERSAL + ".tmp")
+        for stale in (out, work):
+            shutil.rmtree(stale, ignore_errors=True)
+        started = time.perf_counter()
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+               "--output_folder", str(work), "--num_extract_workers", "2", "--num_merge_workers", "1"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        (tag_dir / "ds_to_universal.log").write_text(done.stdout + done.stderr)
+        if done.returncode != 0:
+            raise CheckpointMismatch(f"{tag_dir}: DeepSpeed's ds_to_universal failed (status {done.returncode}), "
+                                     f"see {tag_dir / 'ds_to_universal.log'}; resume with the original layout")
+        names = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())
+        _fsync_tree(work)
+        _write_atomic(work / MARKER, json.dumps({"files": describe(work, names)}) + "\n")
+        os.replace(work, out)
+        log.warning("converted %s to DeepSpeed's universal format in %.1f s (%s, kept for later resumes)",
+                    tag_dir, time.perf_counter() - started, out)
+
+    def _point_latest(self, chosen: Complete) -> None:
+        latest = self.root / LATEST
+        current = latest.read_text().strip() if latest.is_file() else None
+        if current != chosen.tag and self.rank == 0:
+            log.warning("%s names %s; resuming from %s and pointing it there", latest, current, chosen.tag)
+            _write_atomic(latest, chosen.tag + "\n")
 
 
-def check_resumable(chosen: Complete, fingerprint: str, method: dict[str, Any], world_size: int,
-                    zero_stage: int, root: Path) -> None:
-    """Refuse, naming what differs, a checkpoint this run cannot continue."""
+def check_resumable(chosen: Complete, cfg: Config, world_size: int, root: Path) -> None:
+    """Refuse, naming what differs, a checkpoint this run cannot continue (from its marker alone,
+    before anything is built)."""
+    fingerprint, zero_stage = cfg.fingerprint(), cfg.engine.zero_stage
     if chosen.fingerprint != fingerprint:
-        diffs = _diff(chosen.method, method)
+        diffs = _diff(chosen.method, cfg.method())
         raise CheckpointMismatch(
             f"{root / chosen.tag} was written with a different model/method configuration "
             f"(fingerprint {chosen.fingerprint}, this run {fingerprint}): " + "; ".join(diffs)
             + ". Use a new run_dir, or the original settings."
         )
-    if chosen.world_size != world_size or chosen.zero_stage != zero_stage:
-        tag_dir = root / chosen.tag
+    if chosen.zero_stage != zero_stage or (zero_stage == 0 and chosen.world_size != world_size):
         raise CheckpointMismatch(
-            f"{tag_dir} was written by {chosen.world_size} ranks with ZeRO stage {chosen.zero_stage}; this run "
-            f"has {world_size} ranks and stage {zero_stage}. Resume with {chosen.world_size} ranks and stage "
-            f"{chosen.zero_stage}, or convert it to a universal checkpoint for another layout with "
-            f"`python -m deepspeed.checkpoint.ds_to_universal --input_folder {tag_dir} "
-            f"--output_folder {tag_dir}_universal` (loading universal checkpoints is not wired into "
-            f"train.py yet; the data position restarts with the new layout)."
+            f"{root / chosen.tag} was written with ZeRO stage {chosen.zero_stage} by {chosen.world_size} ranks; this "
+            f"run has stage {zero_stage} and {world_size} ranks. Another number of ranks is converted "
+            f"automatically for ZeRO stages 1-3, another stage is not: set engine.zero_stage={chosen.zero_stage}."
         )
 
 

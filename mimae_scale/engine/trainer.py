@@ -21,21 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from deepspeed.checkpoint.constants import (
-    UNIVERSAL_CHECKPOINT_INFO,
-    UNIVERSAL_CHECKPOINT_VERSION_KEY,
-    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-)
 
 from mimae_scale.config import Config, dump_yaml, grad_accumulation
 from mimae_scale.data import TrainLoader, build_train_loader
 from mimae_scale.engine import faults
 from mimae_scale.engine.checkpoint import (
-    FORMAT,
+    CONFIG_KEY,
     CheckpointManager,
+    Complete,
+    RngStreams,
+    RunConfig,
+    TrainState,
     check_resumable,
-    rng_state,
-    set_rng_state,
+    rank_file,
 )
 from mimae_scale.engine.distributed import DistEnv, init_process_group, pick_device
 from mimae_scale.engine.ds_config import build_ds_config, write_ds_config
@@ -103,7 +101,8 @@ class Trainer:
         self.device = pick_device(env)
         self.precision = resolve_precision(cfg, self.device)
         self.accumulation = grad_accumulation(cfg, env.world_size)
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", env.rank, cfg.checkpoint.keep_last)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", env.rank, cfg.checkpoint.keep_last,
+                                      on_set_aside=lambda tag: self.metrics.on_checkpoint_set_aside())
         self.sinks: list[MetricsSink] = []  # the metrics exporter appends itself here
         self.step = 0  # optimiser steps taken (skipped ones included: their data was consumed)
         self.consecutive_skips = 0
@@ -119,11 +118,9 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         configure_determinism(cfg)
-        chosen = self.ckpt.newest()
-        if chosen is not None:
-            method = {k: cfg.to_dict()[k] for k in ("model", "mask", "mi", "loss")}
-            check_resumable(chosen, cfg.fingerprint(), method, env.world_size, cfg.engine.zero_stage,
-                            self.ckpt.root)
+        newest = self.ckpt.newest()
+        if newest is not None:  # refuse another method before anything is built
+            check_resumable(newest, cfg, env.world_size, self.ckpt.root)
         init_process_group(env, self.device)
 
         self.loader: TrainLoader = build_train_loader(cfg, env.rank, env.world_size, self.device)
@@ -148,14 +145,25 @@ class Trainer:
         wrapped = cfg.engine.zero_stage > 0 or self.precision == "bf16"
         optimizer = build_optimizer(model, cfg, wrapped_by_deepspeed=wrapped, device=self.device)
         self.ds_config = build_ds_config(cfg, env.world_size, self.device)
+        # Another number of ranks than the checkpoint's: load it through DeepSpeed's universal format
+        self.relayout = newest is not None and newest.world_size != env.world_size
+        if self.relayout:
+            self.ds_config["checkpoint"] = {"load_universal": True}
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.input_dtype = input_dtype(self.precision)
 
         random.seed(cfg.seed + env.rank)
         np.random.seed(cfg.seed + env.rank)
         torch.manual_seed(cfg.seed + env.rank)
-        if chosen is not None:
-            self._resume(chosen)
+        # What a checkpoint holds beside DeepSpeed's engine; replicated parts are saved once.
+        self.state = TrainState()
+        self.state.register(CONFIG_KEY, RunConfig(cfg), replicated=True)
+        self.state.register("trainer", self, replicated=True)
+        if self.critic is not None:
+            self.state.register("critic", self.critic, replicated=True)  # the same q on every rank
+        self.state.register("loader", self.loader, replicated=False)
+        self.state.register("rng", RngStreams(self.device), replicated=False)
+        self.ckpt.resume(self._load)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -164,18 +172,45 @@ class Trainer:
         self._log_settings()
         self.last_save = time.monotonic()
 
-    def _resume(self, chosen) -> None:
-        client, mine = self.ckpt.load(self.engine, chosen, self.device)
-        if client.get("format") != FORMAT:
-            raise RuntimeError(f"{self.ckpt.root / chosen.tag}: not a {FORMAT} checkpoint")
-        self.step = client["step"]
-        self.consecutive_skips = client["consecutive_skips"]
-        if self.critic is not None:
-            self.critic.load_state_dict(client["critic"])
-        self.loader.load_state_dict(mine["loader"])
-        set_rng_state(mine["rng"], self.device)
-        log.info("resumed from %s: step %d, epoch %d, %d images seen", self.ckpt.root / chosen.tag,
-                 self.step, client["epoch"], client["samples"])
+    def _load(self, chosen: Complete) -> None:
+        """Load ``chosen`` into the engine and the TrainState (raises when it cannot)."""
+        tag_dir = self.ckpt.root / chosen.tag
+        if self.relayout:  # DeepSpeed's own loader re-partitions the universal copy for this layout
+            path, client = self.engine.load_checkpoint(str(self.ckpt.universal(chosen)), tag=".")
+        else:
+            path, client = self.engine.load_checkpoint(str(self.ckpt.root), tag=chosen.tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+        mine_file = tag_dir / rank_file(self.env.rank)  # absent for ranks the checkpoint did not have
+        mine = torch.load(mine_file, map_location="cpu", weights_only=True) if mine_file.exists() else None
+        self.state.load(client, mine, tag_dir, skip=("loader",) if self.relayout else ())
+        if self.relayout:
+            self._restart_epoch(chosen)
+        log.info("resumed from %s: step %d, epoch %d, %d images seen", tag_dir, self.step,
+                 self.step // self.steps_per_epoch, self.step * self.cfg.train.global_batch)
+
+    def _restart_epoch(self, chosen: Complete) -> None:
+        """On another layout the loader's per-rank position does not apply: replay the interrupted epoch
+        from its start, so that every sample of it is seen (those seen before the stop, twice)."""
+        epoch = self.epoch_at_load
+        seen_twice = self.step * self.cfg.train.global_batch - epoch * self.samples_per_epoch_at_load
+        self.step = epoch * self.steps_per_epoch
+        self.loader.epoch, self.loader.batch_in_epoch = epoch, 0
+        log.warning("layout changed (%d ranks -> %d): resuming at the start of epoch %d, step %d; %d samples of "
+                    "that epoch seen before the stop are seen again", chosen.world_size, self.env.world_size, epoch,
+                    self.step, max(seen_twice, 0))
+
+    def state_dict(self) -> dict[str, int]:
+        """The trainer's counters (a replicated TrainState component); epoch and samples for readers."""
+        return {"step": self.step, "consecutive_skips": self.consecutive_skips,
+                "epoch": self.step // self.steps_per_epoch, "samples": self.step * self.cfg.train.global_batch,
+                "samples_per_epoch": self.steps_per_epoch * self.cfg.train.global_batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+        self.consecutive_skips = int(state["consecutive_skips"])
+        self.epoch_at_load = int(state["epoch"])
+        self.samples_per_epoch_at_load = int(state["samples_per_epoch"])
 
     def _log_settings(self) -> None:
         if not self.env.is_main:
@@ -371,26 +406,12 @@ class Trainer:
 
     def save(self) -> None:
         cfg = self.cfg
-        method = {k: cfg.to_dict()[k] for k in ("model", "mask", "mi", "loss")}
-        client = {
-            "format": FORMAT,
-            "step": self.step,
-            "epoch": self.step // self.steps_per_epoch,
-            "samples": self.step * cfg.train.global_batch,
-            "consecutive_skips": self.consecutive_skips,
-            "fingerprint": cfg.fingerprint(),
-            "world_size": self.env.world_size,
-            "critic": None if self.critic is None else self.critic.state_dict(),  # the same on every rank
-            # what DeepSpeed's ds_to_universal needs to convert the checkpoint for another world size
-            # (data parallel only: no tensor-parallel merge patterns)
-            UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
-        }
-        mine = {"rank": self.env.rank, "loader": self.loader.state_dict(), "rng": rng_state(self.device)}
         marker = {"world_size": self.env.world_size, "zero_stage": cfg.engine.zero_stage,
-                  "fingerprint": cfg.fingerprint(), "method": method, "samples": client["samples"],
+                  "fingerprint": cfg.fingerprint(), "method": cfg.method(),
+                  "samples": self.step * cfg.train.global_batch,
                   "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         started = time.perf_counter()
-        self.ckpt.save(self.engine, self.step, client, mine, marker)
+        self.ckpt.save(self.engine, self.step, self.state, marker)
         self.metrics.on_checkpoint(time.perf_counter() - started, time.time())
         self.last_save = time.monotonic()
 

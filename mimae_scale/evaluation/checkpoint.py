@@ -28,10 +28,10 @@ import torch
 import yaml
 
 from mimae_scale.config import Config, ConfigError, config_from_dict, load_config
+from mimae_scale.engine.checkpoint import CONFIG_KEY
 from mimae_scale.model import MIMAE, build_model
 
 MODEL_STATES_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
-CONFIG_KEY = "config"  # client-state key under which the trainer stores cfg.to_dict()
 
 
 class CheckpointError(RuntimeError):
