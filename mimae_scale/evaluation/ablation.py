@@ -142,7 +142,7 @@ def train(cfg: Config, images: torch.Tensor, seed: int,
     torch.manual_seed(seed)
     model = build_model(cfg)
     critic = ClubCritic(cfg) if cfg.loss.w_min > 0 else None
-    optimizer = build_optimizer(model, cfg, wrapped_by_deepspeed=True)
+    optimizer = build_optimizer(model, cfg, wrapped_by_deepspeed=True, device=torch.device("cpu"))
     batch = cfg.train.global_batch
     steps_per_epoch = len(images) // batch
     schedule = LRSchedule.from_config(cfg, steps_per_epoch)
