@@ -339,7 +339,7 @@ def picture(table: dict[str, Any], path: Path) -> None:
         values = [v for a in arms_ for v in table[a][m]["values"]]
         lo, hi = min(values), max(values)
         pad = max(hi - lo, 1e-3) * 0.1
-        lo, hi = lo - pad, hi + pad
+        lo, hi = max(lo - pad, 0.0), min(hi + pad, 1.0)  # accuracies
         x0 = left + j * col_w
         draw.text((x0 + 10, 8), f"{m} top-1 ({100 * lo:.0f}-{100 * hi:.0f}%)", fill="black")
 
