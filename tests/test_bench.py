@@ -16,3 +16,10 @@ def test_bench_data_runs_every_backend_and_the_reference(capsys) -> None:
 def test_bench_shards_runs(capsys) -> None:
     assert main(["shards", "--images", "10", "--rounds", "1"]) == 0
     assert "x the decode-only reference" in capsys.readouterr().out
+
+
+def test_bench_checkpoint_runs_and_cleans_up(capsys, tmp_path) -> None:
+    assert main(["checkpoint", "--config", "tiny", "--ranks", "2", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny:" in out and "in 3 files" in out and "verification at resume" in out
+    assert not list(tmp_path.iterdir())
