@@ -8,6 +8,8 @@ Layout of ``<run_dir>/checkpoints/``::
         mimae_rank00000.pt          ours: that rank's share of the TrainState (loader position, RNG)
         mimae_complete.json         ours: written by rank 0 only after every rank finished; lists
                                     every file above with its size and sha256
+        universal/                  DeepSpeed's universal format, made once when a run resumes it
+                                    on another number of ranks (its own marker inside)
     latest                          name of the newest complete tag (moved atomically)
     damaged_step_000000400/         a checkpoint that failed verification, set aside (never deleted)
 
@@ -286,8 +288,9 @@ class CheckpointManager:
         for marker in self.root.glob(f"step_*/{MARKER}"):
             try:
                 info = json.loads(marker.read_text())
+                # no "files": written before markers listed them; its state's format then names the version
                 found.append(Complete(marker.parent.name, info["step"], info["world_size"], info["zero_stage"],
-                                      info["fingerprint"], info["method"], info["files"]))
+                                      info["fingerprint"], info["method"], info.get("files", {})))
             except (OSError, ValueError, KeyError, TypeError):
                 unreadable.append(marker.parent.name)
         return sorted(found, key=lambda c: c.step), sorted(unreadable)
