@@ -420,8 +420,10 @@ class CheckpointManager:
         for stale in (out, work):
             shutil.rmtree(stale, ignore_errors=True)
         started = time.perf_counter()
+        extract = min(8, os.cpu_count() or 1)  # worker processes; merging holds whole tensors, so fewer
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-               "--output_folder", str(work), "--num_extract_workers", "2", "--num_merge_workers", "1"]
+               "--output_folder", str(work), "--num_extract_workers", str(extract),
+               "--num_merge_workers", str(max(1, extract // 4))]
         done = subprocess.run(cmd, capture_output=True, text=True)
         (tag_dir / "ds_to_universal.log").write_text(done.stdout + done.stderr)
         if done.returncode != 0:
