@@ -35,11 +35,13 @@ def _unit_rows(z_ptr, rows, R, D, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _info_nce_fwd(
-    z_ptr, lse_ptr, loss_ptr,
+    z_ptr, valid_ptr, lse_ptr, loss_ptr,
     R, D, K, inv_tau,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_ok = rows < R
+    rows_valid = tl.load(valid_ptr + rows, mask=row_ok, other=0.0) != 0.0
     anchors, _anchor_norms = _unit_rows(z_ptr, rows, R, D, BLOCK_D)
     running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -47,8 +49,9 @@ def _info_nce_fwd(
     for start in range(0, R, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
         others, _other_norms = _unit_rows(z_ptr, cols, R, D, BLOCK_D)  # own names: loop-carried types must not change
+        cols_valid = tl.load(valid_ptr + cols, mask=cols < R, other=0.0) != 0.0
         s = tl.dot(anchors, tl.trans(others), input_precision=PRECISION) * inv_tau
-        valid = (cols < R)[None, :] & (rows[:, None] != cols[None, :])
+        valid = cols_valid[None, :] & (rows[:, None] != cols[None, :])
         s = tl.where(valid, s, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(s, axis=1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a tile with no valid column
@@ -57,19 +60,19 @@ def _info_nce_fwd(
         positive = valid & ((rows // K)[:, None] == (cols // K)[None, :])
         positive_sum += tl.sum(tl.where(positive, s, 0.0), axis=1)
     lse = running_max + tl.log(running_sum)
-    row_ok = rows < R
     tl.store(lse_ptr + rows, lse, mask=row_ok)
-    tl.store(loss_ptr + rows, lse - positive_sum / (K - 1), mask=row_ok)
+    tl.store(loss_ptr + rows, tl.where(rows_valid, lse - positive_sum / (K - 1), 0.0), mask=row_ok)
 
 
 @triton.jit
 def _info_nce_bwd(
-    z_ptr, lse_ptr, grad_ptr, dz_ptr,
+    z_ptr, valid_ptr, lse_ptr, scale_ptr, dz_ptr,
     R, D, K, inv_tau,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < R
+    rows_valid = tl.load(valid_ptr + rows, mask=row_ok, other=0.0) != 0.0
     anchors, norms = _unit_rows(z_ptr, rows, R, D, BLOCK_D)
     lse_rows = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -77,14 +80,16 @@ def _info_nce_bwd(
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
         others, _other_norms = _unit_rows(z_ptr, cols, R, D, BLOCK_D)  # own names: loop-carried types must not change
         lse_cols = tl.load(lse_ptr + cols, mask=cols < R, other=0.0)
+        cols_valid = tl.load(valid_ptr + cols, mask=cols < R, other=0.0) != 0.0
         s = tl.dot(anchors, tl.trans(others), input_precision=PRECISION) * inv_tau
-        valid = row_ok[:, None] & (cols < R)[None, :] & (rows[:, None] != cols[None, :])
+        # only pairs of two valid rows carry gradient: a padding row is no anchor and in no softmax
+        valid = rows_valid[:, None] & cols_valid[None, :] & (rows[:, None] != cols[None, :])
         positive = valid & ((rows // K)[:, None] == (cols // K)[None, :])
         # softmax of anchor r at c, plus softmax of anchor c at r (S symmetric), minus 2 Y
         both = tl.exp(s - lse_rows[:, None]) + tl.exp(s - lse_cols[None, :])
         g = tl.where(valid, both, 0.0) - tl.where(positive, 2.0 / (K - 1), 0.0)
         acc += tl.dot(g, others, input_precision=PRECISION)
-    dzn = acc * (tl.load(grad_ptr) * inv_tau / R)
+    dzn = acc * (tl.load(scale_ptr) * inv_tau)  # scale: the loss's gradient / number of valid rows
     # back through x / max(|x|, eps): remove the radial part, divide by the norm
     radial = tl.where(norms > NORM_EPS, tl.sum(anchors * dzn, axis=1), 0.0)
     dz = (dzn - anchors * radial[:, None]) / tl.maximum(norms, NORM_EPS)[:, None]
@@ -118,39 +123,42 @@ def _info_nce_bwd_launch(rows: int, dim: int, dtype: torch.dtype) -> tuning.Laun
 
 class _InfoNCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, num_masks, tau):
+    def forward(ctx, z, valid, num_masks, tau):
         rows, dim = z.shape
         cfg = tuning.launch("info_nce_fwd", rows=rows, dim=dim, dtype=z.dtype)
         lse = _alloc.empty((rows,), torch.float32, z.device)
         per_row = _alloc.empty((rows,), torch.float32, z.device)
         grid = (triton.cdiv(rows, cfg.meta["BLOCK_M"]),)
         _info_nce_fwd[grid](
-            z, lse, per_row, rows, dim, num_masks, 1.0 / tau,
+            z, valid, lse, per_row, rows, dim, num_masks, 1.0 / tau,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta,
         )
-        ctx.save_for_backward(z, lse)
+        count = valid.sum()
+        ctx.save_for_backward(z, valid, lse, count)
         ctx.num_masks, ctx.tau = num_masks, tau
-        return per_row.mean()
+        return per_row.sum() / count
 
     @staticmethod
     def backward(ctx, grad_loss):
-        z, lse = ctx.saved_tensors
+        z, valid, lse, count = ctx.saved_tensors
         rows, dim = z.shape
         cfg = tuning.launch("info_nce_bwd", rows=rows, dim=dim, dtype=z.dtype)
         dz = _alloc.empty((rows, dim), z.dtype, z.device)
         grid = (triton.cdiv(rows, cfg.meta["BLOCK_M"]),)
+        scale = (grad_loss.float() / count).reshape(1).contiguous()
         _info_nce_bwd[grid](
-            z, lse, grad_loss.float().contiguous(), dz, rows, dim, ctx.num_masks, 1.0 / ctx.tau,
+            z, valid, lse, scale, dz, rows, dim, ctx.num_masks, 1.0 / ctx.tau,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta,
         )
-        return dz, None, None
+        return dz, None, None, None
 
 
-def info_nce(z: torch.Tensor, num_masks: int, tau: float) -> torch.Tensor:
+def info_nce(z: torch.Tensor, num_masks: int, tau: float, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-positive InfoNCE over image-major views z (B*K, D), unnormalised; float32 scalar.
 
     For anchor r the positives are the other K-1 views of its image; the softmax runs over every
     row but r. loss_r = -(1/(K-1)) * sum_p log softmax_r(p); returns the mean over rows.
+    ``valid`` (R,) marks the rows that take part: others are neither anchors nor in any softmax.
     """
     if z.dim() != 2:
         raise ValueError(f"info_nce: z must be (B*K, D), got {tuple(z.shape)}")
@@ -159,4 +167,5 @@ def info_nce(z: torch.Tensor, num_masks: int, tau: float) -> torch.Tensor:
         raise ValueError(f"info_nce needs K >= 2 dividing the rows, got K={num_masks}, R={rows}")
     if dim > MAX_DIM:
         raise ValueError(f"info_nce kernel keeps whole rows in registers: D must be <= {MAX_DIM}, got {dim}")
-    return _InfoNCE.apply(z.contiguous(), num_masks, float(tau))
+    weight = torch.ones(rows, device=z.device) if valid is None else valid.float().contiguous()
+    return _InfoNCE.apply(z.contiguous(), weight, num_masks, float(tau))

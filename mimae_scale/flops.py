@@ -56,11 +56,12 @@ def train_flops_per_image(cfg: Config) -> float:
     matmul += m.decoder_embed_dim * patch_dim * k * dec_tokens  # decoder_pred
     if cfg.loss.w_max > 0:  # projector on each view's pooled latent
         matmul += (m.embed_dim * cfg.mi.proj_hidden_dim + cfg.mi.proj_hidden_dim * cfg.mi.proj_dim) * k
-    if cfg.loss.w_min > 0:  # approximation network: mu and logvar MLPs, run twice (L_q and L_min)
+    if cfg.loss.w_min > 0:  # CLUB's q: its MLPs (mean, and log-variance unless fixed), q_steps fits + L_min
         club = cfg.mi.club
         x_dim = patch_dim if club.level == "token" else m.in_chans * club.global_size**2
         rows = k * (enc_tokens - 1) if club.level == "token" else k
-        matmul += 2 * 2 * (m.embed_dim * club.hidden_dim + club.hidden_dim * x_dim) * rows
+        mlps = 2 if club.variance == "learned" else 1
+        matmul += mlps * (club.q_steps + 1) * (m.embed_dim * club.hidden_dim + club.hidden_dim * x_dim) * rows
 
     attention = m.depth * k * enc_tokens**2 * m.embed_dim + m.decoder_depth * k * dec_tokens**2 * m.decoder_embed_dim
     return 6.0 * matmul + 12.0 * attention

@@ -36,11 +36,13 @@ def norm_pix_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -
     return per_row.mean()
 
 
-def info_nce(z: torch.Tensor, num_masks: int, tau: float) -> torch.Tensor:
+def info_nce(z: torch.Tensor, num_masks: int, tau: float, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-positive InfoNCE over image-major views z (B*K, D), unnormalised.
 
     For anchor r the positives are the other K-1 views of its image; the softmax runs over every
     row but r. loss_r = -(1/(K-1)) * sum_p log softmax_r(p); returns the mean over rows.
+    ``valid`` (R,) marks the rows that take part: others are neither anchors nor in any softmax
+    (padding rows repeat a real image, so as negatives they would be false negatives).
     """
     rows = z.shape[0]
     if num_masks < 2 or rows % num_masks:
@@ -48,17 +50,24 @@ def info_nce(z: torch.Tensor, num_masks: int, tau: float) -> torch.Tensor:
     z = F.normalize(z.float(), dim=1)
     logits = z @ z.t() / tau
     eye = torch.eye(rows, dtype=torch.bool, device=z.device)
-    log_prob = logits.masked_fill(eye, float("-inf")).log_softmax(dim=1)
+    excluded = eye if valid is None else eye | ~valid.bool()[None, :]
+    log_prob = logits.masked_fill(excluded, float("-inf")).log_softmax(dim=1)
     image = torch.arange(rows, device=z.device) // num_masks
-    positive = (image[:, None] == image[None, :]) & ~eye
+    positive = (image[:, None] == image[None, :]) & ~excluded
     per_row = -log_prob.masked_fill(~positive, 0.0).sum(dim=1) / (num_masks - 1)
-    return per_row.mean()
+    if valid is None:
+        return per_row.mean()
+    weight = valid.float()
+    return (per_row * weight).sum() / weight.sum()
 
 
 def club_upper_bound(
     mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor, perm: torch.Tensor
 ) -> torch.Tensor:
-    """CLUBSample bound: 1/2 * mean_r sum_d [(x[perm[r]] - mu_r)^2 - (x_r - mu_r)^2] / exp(logvar_r)."""
+    """CLUBSample estimate: 1/2 * mean_r sum_d [(x[perm[r]] - mu_r)^2 - (x_r - mu_r)^2] / exp(logvar_r).
+
+    In nats per pair (the sum over d of log q(x_r|z_r) - log q(x_perm(r)|z_r)): an upper bound on
+    I(x; z) when q fits p(x|z), so a well-fitted estimate is not below 0 on average."""
     mu, logvar, x = mu.float(), logvar.float(), x.float()
     positive = (x - mu).pow(2)
     negative = (x[perm] - mu).pow(2)
@@ -66,6 +75,25 @@ def club_upper_bound(
 
 
 def gaussian_nll(mu: torch.Tensor, logvar: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Gaussian NLL of x under q(x|z), up to constants: mean_r sum_d [(x - mu)^2 / exp(logvar) + logvar]."""
+    """Gaussian NLL of x under q(x|z), up to constants: mean_r sum_d [(x - mu)^2 / exp(logvar) + logvar].
+
+    That is 2 x (the NLL in nats) - D log(2 pi): CLUB's training objective for q as its authors write it."""
     mu, logvar, x = mu.float(), logvar.float(), x.float()
     return ((x - mu).pow(2) / logvar.exp() + logvar).sum(dim=1).mean()
+
+
+def valid_permutation(valid: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random permutation that maps valid rows onto valid rows (and padding onto padding).
+
+    CLUBSample pairs each z with the x of a random other row; a padding row's x repeats a real
+    image, so it must not serve as a negative. Two independent random orders that put the valid rows
+    first, matched position by position, give a uniform permutation of the valid rows without
+    reading their number on the host (no device synchronisation)."""
+    rows = valid.shape[0]
+    last = (~valid.bool()).float() * 2.0  # after every valid row's key in [0, 1)
+    first = torch.argsort(torch.rand(rows, generator=generator, device=valid.device) + last)
+    second = torch.argsort(torch.rand(rows, generator=generator, device=valid.device) + last)
+    perm = torch.empty_like(first)
+    perm[first] = second
+    return perm
+

@@ -34,6 +34,8 @@ log = logging.getLogger("mimae_scale.metrics")
 
 LABELS = ("job", "rank", "node")
 LOSS_TERMS = ("rec", "max", "min", "q")  # the model's terms; metrics.jsonl has them as loss_<term>
+# CLUB critic health (mimae_scale.model.club), under these names in metrics.jsonl
+CLUB_HEALTH = ("club_q_gain", "club_logvar_mean", "club_logvar_saturated")
 
 # Step durations from 1 ms (tiny CPU model) to 100 s, at most 1.5x apart, so quantiles interpolate
 # within a narrow bucket at any scale.
@@ -142,7 +144,12 @@ class TrainingMetrics:
             gauge("mimae_model_flops_utilization_ratio", "Model FLOP/s over the peak in mimae_run_info (0-1).")
             if self.peak_tflops else None
         )
-        self._loss = Gauge("mimae_loss", "Training loss: total and each term.", (*LABELS, "term"), registry=reg)
+        self._loss = Gauge("mimae_loss", "Training loss: total (the encoder's objective w_rec*rec + w_max*max + "
+                           "w_min*min) and each term (q: the CLUB critic's own NLL).", (*LABELS, "term"), registry=reg)
+        # no series on runs without L_min
+        self._club = Gauge("mimae_club", "CLUB critic health: q_gain (nats/dim a z-blind Gaussian's NLL exceeds "
+                           "q's; > 0: q uses z), logvar_mean, logvar_saturated (share at tanh's bound).",
+                           (*LABELS, "stat"), registry=reg)
         self._loss_terms: dict[str, Any] = {}  # term -> labelled child, made at the first log (labels() is slow)
         self._lr = gauge("mimae_learning_rate", "Learning rate of the last step.")
         self._grad_norm = gauge("mimae_grad_norm", "Global gradient L2 norm before clipping.")
@@ -254,6 +261,9 @@ class TrainingMetrics:
             key = f"loss_{term}"
             if key in record:
                 self._set_loss(term, _number(key, record[key]))
+        for name in CLUB_HEALTH:
+            if name in record:
+                self._club.labels(**self.labels, stat=name.removeprefix("club_")).set(_number(name, record[name]))
         if record.get("grad_norm") is not None:
             self._grad_norm.set(_number("grad_norm", record["grad_norm"]))
         self._set_rejected_samples(_number("skipped_samples", record["skipped_samples"]))

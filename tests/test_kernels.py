@@ -87,17 +87,19 @@ def norm_pix_mse_f64(pred, target, mask):
     return ((per_patch * mask).sum(dim=1) / mask.sum(dim=1)).mean()
 
 
-def info_nce_f64(z, k, tau):
+def info_nce_f64(z, k, tau, valid=None):
+    """Padding rows (valid False; whole images) are neither anchors nor columns of any softmax."""
     unit = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
     sim = unit @ unit.t() / tau
     rows = z.shape[0]
+    keep = [True] * rows if valid is None else [bool(v) for v in valid]
     total = z.new_zeros(())
-    for r in range(rows):
-        others = [c for c in range(rows) if c != r]
+    for r in (r for r in range(rows) if keep[r]):
+        others = [c for c in range(rows) if c != r and keep[c]]
         lse = torch.logsumexp(sim[r, others], dim=0)
         positives = [c for c in range(r - r % k, r - r % k + k) if c != r]
         total = total + (lse - sim[r, positives]).mean()
-    return total / rows
+    return total / sum(keep)
 
 
 def club_f64(mu, logvar, x, perm):
@@ -321,6 +323,26 @@ def test_info_nce(gen, shape, dtype):
     assert loss.dtype == torch.float32 and d_z.dtype == dtype
     assert_close(loss, expected, LOSS_TOL, "loss")
     assert_close(d_z, grads(expected, [z64])[0], TOL[dtype], "grad z")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_info_nce_padding_rows(gen, small_tiles, dtype):
+    """Padding images (every view invalid) drop out of anchors and softmaxes; their rows get no gradient."""
+    meta = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 32, "PRECISION": "ieee"}
+    small_tiles("info_nce_fwd", tuning.Launch(meta=meta))
+    small_tiles("info_nce_bwd", tuning.Launch(meta=meta))
+    k, images = 3, 13
+    valid = (torch.rand(images, generator=gen) < 0.6).repeat_interleave(k)
+    valid[:k] = True
+    z = torch.randn(images * k, 20, generator=gen).to(dtype).requires_grad_()
+    loss = kernels.info_nce(z, k, 0.2, valid)
+    (d_z,) = grads(2.0 * loss, [z])
+    z64 = f64(z)
+    expected = info_nce_f64(z64, k, 0.2, valid)
+    assert_close(loss, expected, LOSS_TOL, "loss")
+    assert_close(d_z, grads(2.0 * expected, [z64])[0], TOL[dtype], "grad z")
+    assert (d_z[~valid] == 0).all()
+    assert losses.info_nce(z, k, 0.2, valid).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

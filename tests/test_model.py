@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from mimae_scale.config import load_config
+from mimae_scale.metrics import CLUB_HEALTH
 from mimae_scale.model import build_model
+from mimae_scale.model.club import ClubCritic
 from mimae_scale.model.pos_embed import sincos_2d
 
 
@@ -31,13 +33,15 @@ def test_sincos_matches_mae_formula():
 
 
 def test_tiny_forward_backward(gen):
-    model = build_model(tiny())
+    cfg = tiny()
+    model, critic = build_model(cfg), ClubCritic(cfg)
     imgs = torch.randn(4, 3, 32, 32, generator=gen)
-    out = model(imgs, generator=gen)
-    assert set(out.terms) == {"rec", "max", "min", "q"}
+    out = model(imgs, generator=gen, critic=critic)
+    assert set(out.terms) == {"rec", "max", "min", "q", *CLUB_HEALTH}
     assert out.pred.shape == (16, 64, 48) and out.mask.shape == (16, 64)
     assert all(torch.isfinite(t) for t in out.terms.values())
-    expected = out.terms["rec"] + 0.1 * out.terms["max"] + 0.05 * out.terms["min"] + out.terms["q"]
+    # the headline loss is the encoder's objective; q's own NLL is not part of it
+    expected = out.terms["rec"] + 0.1 * out.terms["max"] + cfg.loss.w_min * out.terms["min"]
     assert torch.allclose(out.loss, expected)
     out.loss.backward()
     for name, p in model.named_parameters():
@@ -53,12 +57,18 @@ def _grad_names(model, loss):
 
 @pytest.mark.parametrize("level", ["token", "global"])
 def test_club_gradient_isolation(gen, level):
-    model = build_model(tiny(f"mi.club.level={level}"))
-    out = model(torch.randn(4, 3, 32, 32, generator=gen), generator=gen)
-    q_moves = _grad_names(model, out.terms["q"])
-    assert q_moves and all(n.startswith("approx.") for n in q_moves)  # L_q trains theta only
+    """q's updates happen inside forward and touch no model parameter; L_min moves the encoder only."""
+    cfg = tiny(f"mi.club.level={level}")
+    model, critic = build_model(cfg), ClubCritic(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    q_before = [p.detach().clone() for p in critic.params]
+    out = model(torch.randn(4, 3, 32, 32, generator=gen), generator=gen, critic=critic)
+    assert all(p.grad is None for p in model.parameters())  # q's backward passes stayed inside q
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(not torch.equal(p, b) for p, b in zip(critic.params, q_before, strict=True))  # q moved
+    q_grads = [p.grad.clone() for p in critic.params]
     min_moves = _grad_names(model, out.terms["min"])
-    assert min_moves and not any(n.startswith("approx.") for n in min_moves)  # L_min: not theta
+    assert all(torch.equal(p.grad, g) for p, g in zip(critic.params, q_grads, strict=True))  # L_min: not q
     assert any(n.startswith("blocks.") for n in min_moves)  # ... but the encoder
     assert not any(n.startswith("decoder") for n in min_moves)
 
@@ -67,7 +77,7 @@ def test_mae_special_case_equals_mae(seed):
     """K 1 and zero MI weights: the loss is exactly MAE's, computed here as the MAE repo does."""
     cfg = tiny("mask.num_masks=1", "loss.w_max=0", "loss.w_min=0")
     model = build_model(cfg).eval()
-    assert model.projector is None and model.approx is None
+    assert model.projector is None
     imgs = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
     ours = model(imgs, generator=torch.Generator().manual_seed(seed))
     assert set(ours.terms) == {"rec"}
@@ -111,7 +121,7 @@ def test_mae_special_case_equals_mae(seed):
 
 def test_mae4_control_has_no_mi_heads(gen):
     model = build_model(load_config("mae4_vit_b16", ["model.depth=1", "model.decoder_depth=1"]))
-    assert model.projector is None and model.approx is None
+    assert model.projector is None
     out = model(torch.randn(2, 3, 224, 224, generator=gen), generator=gen)
     assert set(out.terms) == {"rec"} and out.pred.shape[0] == 8
 

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.slow
 RANKS = 2
 RATE_WINDOW = "8s"  # stands in for Grafana's $__rate_interval: 8 scrapes at the test's 1 s interval
 LOSS_TERMS = {"total", "rec", "max", "min", "q"}
+CLUB_STATS = {"q_gain", "logvar_mean", "logvar_saturated"}
 EXIT_REQUEUE = 75
 
 
@@ -145,6 +146,8 @@ def check_query(prom: PrometheusServer, title: str, target: dict, job: str) -> N
         assert {s["metric"]["rank"] for s in result} == {str(r) for r in range(RANKS)}, where
     elif "{{term}}" in legend:
         assert {s["metric"]["term"] for s in result} == LOSS_TERMS, where
+    elif "{{stat}}" in legend:
+        assert {s["metric"]["stat"] for s in result} == CLUB_STATS, where
     else:
         assert len(result) == 1, f"{where}: expected one series, got {result}"
     if "by (job)" in expr:

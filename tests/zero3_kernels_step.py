@@ -9,6 +9,7 @@ masks, per-step losses, kernel call counts, and whether the parameters moved.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ import torch
 from mimae_scale import kernels
 from mimae_scale.config import load_config
 from mimae_scale.model import build_model
+from mimae_scale.model.club import ClubCritic
 
 KERNELS = ("gather_visible", "unshuffle_with_mask_tokens", "norm_pix_mse", "info_nce", "club_upper_bound",
            "gaussian_nll")
@@ -41,7 +43,8 @@ def main() -> None:
     precision = sys.argv[1]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.manual_seed(0)  # identical initial weights on every rank
-    model = build_model(load_config("tiny", ["kernels.enabled=on"]))
+    cfg = load_config("tiny", ["kernels.enabled=on"])
+    model, critic = build_model(cfg), ClubCritic(cfg)
     calls: Counter = Counter()
     count_calls(calls)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -59,7 +62,9 @@ def main() -> None:
 
     with torch.no_grad():
         engine.module.kernels_enabled = "off"
-        reference = engine(imgs, generator=torch.Generator().manual_seed(7)).loss.float().item()
+        # a copy of q: the first step below starts from the same q and fits it the same way
+        reference = engine(imgs, generator=torch.Generator().manual_seed(7),
+                           critic=copy.deepcopy(critic)).loss.float().item()
         engine.module.kernels_enabled = "on"
         calls.clear()
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
@@ -67,7 +72,7 @@ def main() -> None:
 
     step_losses = []
     for step in range(2):
-        out = engine(imgs, generator=torch.Generator().manual_seed(7 + step))
+        out = engine(imgs, generator=torch.Generator().manual_seed(7 + step), critic=critic)
         engine.backward(out.loss)
         engine.step()
         step_losses.append(out.loss.float().item())
@@ -77,6 +82,7 @@ def main() -> None:
     moved = sum(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
     if rank == 0:
         result = {"world": world, "precision": precision, "reference_loss": reference, "step_losses": step_losses,
+                  "q_steps": cfg.mi.club.q_steps,
                   "calls": dict(calls), "params_moved": moved, "params": len(before)}
         print("RESULT " + json.dumps(result), flush=True)
 

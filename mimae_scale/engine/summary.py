@@ -10,8 +10,20 @@ import yaml
 
 from mimae_scale.engine.checkpoint import CheckpointManager
 
-TERMS = {"loss": "total", "loss_rec": "reconstruction", "loss_max": "InfoNCE (L_max)", "loss_min": "CLUB (L_min)",
-         "loss_q": "L_q"}
+TERMS = {"loss": "total (encoder objective)", "loss_rec": "reconstruction", "loss_max": "InfoNCE (L_max)",
+         "loss_min": "CLUB (L_min)", "loss_q": "L_q (CLUB critic)"}
+
+
+def _club_health(steps: list[dict]) -> str:
+    """Over the second half of the log: is CLUB's q fitted (gain > 0), so that L_min bounds?"""
+    half = [r for r in steps[len(steps) // 2:] if r.get("club_q_gain") is not None]
+    if not half:
+        return ""
+    gain = sum(r["club_q_gain"] for r in half) / len(half)
+    bound = sum(r["loss_min"] for r in half) / len(half)
+    verdict = "q is fitted: L_min is an upper bound" if gain > 0 else "q does NOT beat a z-blind Gaussian: L_min is no bound"
+    return (f"CLUB critic, second half of the run: q gain {gain:+.4f} nats/dim, L_min {bound:+.4f} nats/dim "
+            f"({verdict}; docs/METHOD.md)")
 
 
 def summarize(run_dir: Path) -> str:
@@ -40,8 +52,7 @@ def summarize(run_dir: Path) -> str:
         "loss terms, first -> last log step: " + ", ".join(
             f"{TERMS.get(k, k)} {first[k]:.4f} -> {last[k]:.4f}" for k in sorted(first)
             if k.startswith("loss") and first[k] is not None and last[k] is not None),
-        "  (L_q fits the CLUB approximation network to the latents; it rises while L_min makes the latents "
-        "less predictive of the pixels, so the total need not fall)" if "loss_q" in first else "",
+        _club_health(steps) if "club_q_gain" in first else "",
         f"reconstruction loss by step: {curve}",
         f"run directory  {run_dir.resolve()}",
         f"  config.yaml, ds_config.json  the resolved settings; train.log  the log; metrics.jsonl  {len(steps)} "

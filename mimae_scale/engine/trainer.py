@@ -41,8 +41,9 @@ from mimae_scale.engine.optim import LRSchedule, build_optimizer, peak_lr
 from mimae_scale.engine.reporting import ConsoleSink, JsonlSink, MetricsSink, StepTiming
 from mimae_scale.engine.signals import StopRequest
 from mimae_scale.evaluation.online import knn_due, online_knn
-from mimae_scale.metrics import TrainingMetrics
+from mimae_scale.metrics import LOSS_TERMS, TrainingMetrics
 from mimae_scale.model import build_model
+from mimae_scale.model.club import ClubCritic, min_weight
 
 log = logging.getLogger("mimae_scale.engine")
 
@@ -134,6 +135,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg)
+        # CLUB's q: outside the engine, with its own optimiser (mimae_scale.model.club)
+        self.critic = ClubCritic(cfg, self.device) if cfg.loss.w_min > 0 else None
         # DeepSpeed checks non-finite gradients itself whenever it wraps the optimiser (ZeRO 1-3, bf16)
         wrapped = cfg.engine.zero_stage > 0 or self.precision == "bf16"
         optimizer = build_optimizer(model, cfg, wrapped_by_deepspeed=wrapped)
@@ -154,6 +157,8 @@ class Trainer:
         self.state.register("trainer", self, replicated=True)
         self.state.register("loader", self.loader, replicated=False)
         self.state.register("rng", RngStreams(self.device), replicated=False)
+        if self.critic is not None:  # CLUB's q and its Adam, identical on every rank
+            self.state.register("critic", self.critic, replicated=True)
         self.ckpt.resume(self._load)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -240,13 +245,15 @@ class Trainer:
         """
         number = self.step + 1
         lr = self.schedule(self.step)
+        w_min = min_weight(self.cfg, self.step, self.steps_per_epoch)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
         term_sums: dict[str, torch.Tensor] = {}
         for micro, batch in enumerate(micro_batches):
             generator = torch.Generator(self.device).manual_seed(mask_seed(self.cfg.seed, self.env.rank, number, micro))
-            out = self.engine(batch["images"].to(self.input_dtype, non_blocking=True), generator=generator)
+            out = self.engine(batch["images"].to(self.input_dtype, non_blocking=True), generator=generator,
+                              valid=batch.get("valid"), critic=self.critic, w_min=w_min)
             loss = out.loss * float("nan") if number in self.nan_steps else out.loss
             # A non-finite loss must give non-finite gradients (DeepSpeed's skip test looks at those),
             # even when a term's gradient happens to stay finite. x1.0 is exact, so finite steps are unchanged.
@@ -375,7 +382,7 @@ class Trainer:
             "samples": self.step * self.cfg.train.global_batch,
             "lr": out.lr,
             "loss": mean[0],
-            **{f"loss_{n}": v for n, v in zip(names, mean[1:], strict=True)},
+            **{(f"loss_{n}" if n in LOSS_TERMS else n): v for n, v in zip(names, mean[1:], strict=True)},
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "images_per_s": interval.steps * self.cfg.train.global_batch / elapsed,
             "step_s": elapsed / interval.steps,

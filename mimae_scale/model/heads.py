@@ -26,18 +26,18 @@ class Projector(nn.Module):
 
 class ApproximationNetwork(nn.Module):
     """q_theta(x | z) = N(mu(z), exp(logvar(z))): two 2-layer MLPs, log-variance bounded by Tanh
-    (CLUB's design).
+    (CLUB's design). With ``learned_variance=False`` the variance is fixed at 1 and only the mean
+    network exists (CLUB's CLUBMean).
 
     ``detach_params=True`` evaluates with theta detached, so a loss on the output moves only z.
-    The weights are read here, inside ``forward``, where ZeRO-3 has gathered them.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, learned_variance: bool = True) -> None:
         super().__init__()
         self.mu_hidden = nn.Linear(in_dim, hidden_dim)
         self.mu_out = nn.Linear(hidden_dim, out_dim)
-        self.logvar_hidden = nn.Linear(in_dim, hidden_dim)
-        self.logvar_out = nn.Linear(hidden_dim, out_dim)
+        self.logvar_hidden = nn.Linear(in_dim, hidden_dim) if learned_variance else None
+        self.logvar_out = nn.Linear(hidden_dim, out_dim) if learned_variance else None
 
     @staticmethod
     def _linear(layer: nn.Linear, x: torch.Tensor, detach: bool) -> torch.Tensor:
@@ -48,6 +48,8 @@ class ApproximationNetwork(nn.Module):
     def forward(self, z: torch.Tensor, detach_params: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         h = F.gelu(self._linear(self.mu_hidden, z, detach_params))
         mu = self._linear(self.mu_out, h, detach_params)
+        if self.logvar_hidden is None:
+            return mu, torch.zeros_like(mu)
         h = F.gelu(self._linear(self.logvar_hidden, z, detach_params))
         logvar = torch.tanh(self._linear(self.logvar_out, h, detach_params))
         return mu, logvar

@@ -18,7 +18,8 @@ from torch import nn
 
 from mimae_scale import losses, masking, ops
 from mimae_scale.config import Config
-from mimae_scale.model.heads import ApproximationNetwork, Projector
+from mimae_scale.model.club import ClubCritic, over_valid_rows
+from mimae_scale.model.heads import Projector
 from mimae_scale.model.pos_embed import sincos_2d
 
 
@@ -27,8 +28,8 @@ class MIMAEOutput(NamedTuple):
     tuples and dicts, and hooks them to re-gather the module's own parameters (mask_token,
     cls_token) for the backward; with a dataclass the backward met released, empty parameters."""
 
-    loss: torch.Tensor  # what the optimiser minimises: w_rec*rec + w_max*max + w_min*min + q
-    terms: dict[str, torch.Tensor]  # every term separately: rec, and max, min, q where enabled
+    loss: torch.Tensor  # the encoder's objective: w_rec*rec + w_max*max + w_min*min
+    terms: dict[str, torch.Tensor]  # rec, max, min where enabled, and the critic's q and club_* health
     pred: torch.Tensor  # (B*K, N, P) predicted (normalised) patches
     mask: torch.Tensor  # (B*K, N), 1 = hidden
 
@@ -45,6 +46,16 @@ def _gather_with_grad(z: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(z), dim=0)
+
+
+def info_nce_over_ranks(z: torch.Tensor, rows_valid: torch.Tensor, num_masks: int, tau: float,
+                        impl: ops.Implementation, gather: bool = True) -> torch.Tensor:
+    """InfoNCE over this rank's views (``gather=False``) or every rank's (the validity flags travel
+    with the rows, in the same all-gather): padding rows are then no negative on any rank."""
+    if not gather:
+        return impl.info_nce(z, num_masks, tau, rows_valid)
+    both = _gather_with_grad(torch.cat([z, rows_valid[:, None].to(z.dtype)], dim=1))
+    return impl.info_nce(both[:, :-1], num_masks, tau, both[:, -1] > 0.5)
 
 
 class MIMAE(nn.Module):
@@ -83,13 +94,12 @@ class MIMAE(nn.Module):
         self.decoder_norm = norm(m.decoder_embed_dim)
         self.decoder_pred = nn.Linear(m.decoder_embed_dim, m.patch_size**2 * m.in_chans)
 
-        # MI heads, built only when their term is on (an unused parameter would have no gradient)
+        # The InfoNCE projector, built only when its term is on (an unused parameter would have no
+        # gradient). CLUB's q is not part of the model: it is a critic with its own optimiser
+        # (mimae_scale.model.club), passed to forward.
         self.projector = (
             Projector(m.embed_dim, cfg.mi.proj_hidden_dim, cfg.mi.proj_dim) if self.weights.w_max > 0 else None
         )
-        club = cfg.mi.club
-        x_dim = m.patch_size**2 * m.in_chans if club.level == "token" else m.in_chans * club.global_size**2
-        self.approx = ApproximationNetwork(m.embed_dim, club.hidden_dim, x_dim) if self.weights.w_min > 0 else None
         self._init_weights()
 
     # -- initialisation (MAE's) ----------------------------------------------------------------
@@ -133,10 +143,12 @@ class MIMAE(nn.Module):
 
     # -- encoder and decoder ---------------------------------------------------------------------
 
-    def encode(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-        """Encoder on each mask's visible patches: (B*K, 1+L, D) after the final norm."""
+    def encode(self, imgs: torch.Tensor, ids_keep: torch.Tensor, num_masks: int | None = None) -> torch.Tensor:
+        """Encoder on each mask's visible patches: (B*K, 1+L, D) after the final norm. ``num_masks``
+        (default mask.num_masks) lets evaluation encode any number of views per image."""
         tokens = self.patch_embed(imgs)
-        x = self._ops(tokens).gather_visible(tokens, ids_keep, self.pos_embed[0, 1:], self.num_masks)
+        k = self.num_masks if num_masks is None else num_masks
+        x = self._ops(tokens).gather_visible(tokens, ids_keep, self.pos_embed[0, 1:], k)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1)
         for block in self.blocks:
@@ -162,9 +174,23 @@ class MIMAE(nn.Module):
 
     # -- the training forward ----------------------------------------------------------------------
 
-    def forward(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> MIMAEOutput:
+    def forward(
+        self,
+        imgs: torch.Tensor,
+        generator: torch.Generator | None = None,
+        valid: torch.Tensor | None = None,
+        critic: ClubCritic | None = None,
+        w_min: float | None = None,
+    ) -> MIMAEOutput:
+        """The training objective on a batch. ``valid`` (B,) marks real images (False: an epoch's
+        padding rows, which enter no loss term); ``critic`` is CLUB's q, fitted here on this step's
+        pairs before L_min (without one, as in evaluation and pictures, the CLUB terms are not
+        computed); ``w_min`` overrides loss.w_min (its warm-up)."""
         k = self.num_masks
         impl = self._ops(imgs)
+        if valid is None:
+            valid = torch.ones(imgs.shape[0], dtype=torch.bool, device=imgs.device)
+        rows_valid = valid.repeat_interleave(k)
         ids_keep, ids_restore, mask = masking.make_masks(
             imgs.shape[0], self.num_patches, k, self.mask_ratio, self.mask_strategy,
             generator=generator, device=imgs.device,
@@ -173,41 +199,45 @@ class MIMAE(nn.Module):
         pred = self.decode(latent, ids_restore)
         target = self.patchify(imgs)
         rows_target = target.repeat_interleave(k, dim=0)
-        terms = {"rec": impl.norm_pix_mse(pred, rows_target, mask)}
+        terms = {"rec": over_valid_rows(impl.norm_pix_mse, rows_valid, pred, rows_target, mask=mask)}
         loss = self.weights.w_rec * terms["rec"]
 
         if self.projector is not None:
             pooled = latent[:, 1:].mean(dim=1) if self.cfg.mi.pool == "mean" else latent[:, 0]
             z = self.projector(pooled)
-            if self.cfg.mi.negatives == "global":
-                z = _gather_with_grad(z)
-            terms["max"] = impl.info_nce(z, k, self.cfg.mi.tau)
+            gather = self.cfg.mi.negatives == "global"
+            terms["max"] = info_nce_over_ranks(z, rows_valid, k, self.cfg.mi.tau, impl, gather)
             loss = loss + self.weights.w_max * terms["max"]
 
-        if self.approx is not None:
-            z, x = self._club_pairs(imgs, latent, target, ids_keep)
-            perm = torch.randperm(z.shape[0], generator=generator, device=z.device)
-            mu, logvar = self.approx(z.detach())  # L_q trains theta only
-            terms["q"] = impl.gaussian_nll(mu, logvar, x)
-            mu, logvar = self.approx(z, detach_params=True)  # L_min moves the encoder only
-            terms["min"] = impl.club_upper_bound(mu, logvar, x, perm)
-            loss = loss + self.weights.w_min * terms["min"] + terms["q"]
+        if self.weights.w_min > 0 and critic is not None:
+            z, x, pair_valid = self._club_pairs(imgs, latent, target, ids_keep, rows_valid)
+            terms.update(critic.fit(z, x, pair_valid, impl))  # q first, on this step's detached pairs
+            perm = losses.valid_permutation(pair_valid, generator)
+            terms["min"] = critic.upper_bound(z, x, pair_valid, perm, impl)
+            loss = loss + (self.weights.w_min if w_min is None else w_min) * terms["min"]
 
         return MIMAEOutput(loss=loss, terms=terms, pred=pred, mask=mask)
 
     def _club_pairs(
-        self, imgs: torch.Tensor, latent: torch.Tensor, target: torch.Tensor, ids_keep: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z, x) pairs for CLUB: per visible token and its normalised patch (`token`), or per
-        view's pooled latent and the down-sampled image (`global`)."""
+        self, imgs: torch.Tensor, latent: torch.Tensor, target: torch.Tensor, ids_keep: torch.Tensor,
+        rows_valid: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z, x, valid) pairs for CLUB: per visible token and its patch (`token`), or per view's
+        pooled latent and the down-sampled image (`global`); x per-patch normalised or raw
+        (mi.club.target)."""
         k = self.num_masks
-        if self.cfg.mi.club.level == "token":
+        club = self.cfg.mi.club
+        if club.level == "token":
+            patches = losses.normalize_patches(target) if club.target == "norm" else target.float()
             image = torch.arange(latent.shape[0], device=latent.device) // k
-            x = losses.normalize_patches(target)[image[:, None], ids_keep]
-            return latent[:, 1:].reshape(-1, latent.shape[-1]), x.reshape(-1, x.shape[-1])
-        size = self.cfg.mi.club.global_size
-        small = F.adaptive_avg_pool2d(imgs.float(), size).flatten(1)
-        return latent[:, 1:].mean(dim=1), small.repeat_interleave(k, dim=0)
+            x = patches[image[:, None], ids_keep]
+            tokens = ids_keep.shape[1]
+            return (latent[:, 1:].reshape(-1, latent.shape[-1]), x.reshape(-1, x.shape[-1]),
+                    rows_valid.repeat_interleave(tokens))
+        small = F.adaptive_avg_pool2d(imgs.float(), club.global_size).flatten(1)
+        if club.target == "norm":
+            small = losses.normalize_patches(small)
+        return latent[:, 1:].mean(dim=1), small.repeat_interleave(k, dim=0), rows_valid
 
 
 def build_model(cfg: Config) -> MIMAE:

@@ -1,0 +1,125 @@
+"""CLUB's approximation network q(x|z) as a critic with its own optimiser (docs/METHOD.md, "L_min").
+
+CLUB bounds I(x; z) from above only while q(x|z) fits the current latents: the estimate
+log q(x_r|z_r) - log q(x_perm(r)|z_r) is linear in q's mean, so an encoder that meets a stale or
+badly fitted q can drive it below zero without removing any information. The CLUB authors' recipe,
+followed here: q has its own optimiser (Adam, constant learning rate, no weight decay, no warm-up)
+and takes ``mi.club.q_steps`` updates on the current step's detached pairs *before* the encoder's
+L_min is computed with q's parameters detached. q lives outside the DeepSpeed engine (it is small
+and the same on every rank): its gradients are averaged over the ranks here, and its weights and
+optimiser state travel in the checkpoint through ``state_dict``/``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from mimae_scale.config import Config
+from mimae_scale.model.heads import ApproximationNetwork
+
+SATURATED = 0.99  # |log-variance| above this sits on tanh's bound: q cannot widen or narrow further
+
+
+def club_x_dim(cfg: Config) -> int:
+    """Width of x: a patch's pixels (`token`) or the down-sampled image (`global`)."""
+    m, club = cfg.model, cfg.mi.club
+    return m.patch_size**2 * m.in_chans if club.level == "token" else m.in_chans * club.global_size**2
+
+
+def min_weight(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    """w_min at optimiser step ``step`` (0-based): linear from 0 over ``loss.w_min_warmup_epochs``."""
+    warmup = cfg.loss.w_min_warmup_epochs * steps_per_epoch
+    if warmup <= 0 or step >= warmup:
+        return cfg.loss.w_min
+    return cfg.loss.w_min * step / warmup
+
+
+def over_valid_rows(loss: Callable[..., torch.Tensor], weight: torch.Tensor, *rows: torch.Tensor,
+                    **kwargs) -> torch.Tensor:
+    """A row-mean ``loss`` over the rows whose ``weight`` is 1 (padding rows have 0).
+
+    A zeroed row adds exactly 0 to every row-mean loss of :mod:`mimae_scale.losses` (and to its fused
+    twin), and passes no gradient back; the mean over all rows is then rescaled to the valid ones. So
+    the kernels need no padding logic of their own, and nothing waits for the host to count rows.
+    """
+    w = weight.float()
+    zeroed = [t * w.view(-1, *([1] * (t.dim() - 1))).to(t.dtype) for t in rows]
+    return loss(*zeroed, **kwargs) * (w.numel() / w.sum())
+
+
+def _average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """The mean of q's gradients over the ranks, in one all-reduce (every rank then takes the same step)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(part.view_as(g))
+
+
+class ClubCritic:
+    """q(x|z) with its own Adam. ``fit`` trains it on this step's pairs; ``upper_bound`` is L_min."""
+
+    def __init__(self, cfg: Config, device: torch.device | str = "cpu") -> None:
+        club = cfg.mi.club
+        self.club = club
+        self.net = ApproximationNetwork(cfg.model.embed_dim, club.hidden_dim, club_x_dim(cfg),
+                                        learned_variance=club.variance == "learned").to(device)
+        self.params = list(self.net.parameters())
+        self.optimizer = torch.optim.Adam(self.params, lr=club.q_lr)  # constant, no weight decay
+
+    def _reduce(self, value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The losses sum over x's dims; ``mean`` divides by their number (mi.club.reduction)."""
+        return value / x.shape[-1] if self.club.reduction == "mean" else value
+
+    def fit(self, z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, impl) -> dict[str, torch.Tensor]:
+        """``q_steps`` updates of q on the detached pairs; returns L_q and q's health on them.
+
+        The returned values are those of q's last update (computed before it): no extra pass.
+        ``club_q_gain`` is, per dim and in nats, the NLL of a z-independent Gaussian fitted to the
+        batch minus q's NLL: above 0 means q uses z (the 2 pi constants cancel)."""
+        z = z.detach().float()
+        with torch.enable_grad():  # q trains even inside a no-grad forward of the model
+            for _ in range(self.club.q_steps):
+                mu, logvar = self.net(z)
+                nll = self._reduce(over_valid_rows(impl.gaussian_nll, weight, mu, logvar, x), x)
+                self.optimizer.zero_grad(set_to_none=True)
+                nll.backward()
+                _average_gradients(self.params)
+                self.optimizer.step()
+        with torch.no_grad():
+            w = weight.float()[:, None]
+            count = w.sum()
+            per_dim_nll = 0.5 * (nll.detach() if self.club.reduction == "mean" else nll.detach() / x.shape[-1])
+            mean = (x.float() * w).sum(0) / count
+            var = ((x.float() - mean) ** 2 * w).sum(0) / count
+            baseline = 0.5 * (torch.log(var.clamp_min(1e-12)) + 1.0).mean()
+            logvar = logvar.detach()
+            return {
+                "q": nll.detach(),
+                "club_q_gain": baseline - per_dim_nll,
+                "club_logvar_mean": (logvar * w).sum() / (count * logvar.shape[-1]),
+                "club_logvar_saturated": ((logvar.abs() > SATURATED).float() * w).sum() / (count * logvar.shape[-1]),
+            }
+
+    def upper_bound(self, z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, perm: torch.Tensor,
+                    impl) -> torch.Tensor:
+        """L_min: the CLUBSample estimate with q's parameters detached, so it moves the encoder only
+        (through q's mean alone with ``mi.club.detach_logvar``)."""
+        mu, logvar = self.net(z.float(), detach_params=True)
+        if self.club.detach_logvar:
+            logvar = logvar.detach()
+        return self._reduce(over_valid_rows(impl.club_upper_bound, weight, mu, logvar, x, perm=perm), x)
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
