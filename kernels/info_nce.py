@@ -133,7 +133,7 @@ class _InfoNCE(torch.autograd.Function):
             z, valid, lse, per_row, rows, dim, num_masks, 1.0 / tau,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.meta,
         )
-        count = valid.sum()
+        count = valid.sum().clamp_min(1)  # no valid row at all: loss 0, not NaN
         ctx.save_for_backward(z, valid, lse, count)
         ctx.num_masks, ctx.tau = num_masks, tau
         return per_row.sum() / count

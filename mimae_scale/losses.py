@@ -58,7 +58,7 @@ def info_nce(z: torch.Tensor, num_masks: int, tau: float, valid: torch.Tensor | 
     if valid is None:
         return per_row.mean()
     weight = valid.float()
-    return (per_row * weight).sum() / weight.sum()
+    return (per_row * weight).sum() / weight.sum().clamp_min(1)  # no valid row at all: 0, not NaN
 
 
 def club_upper_bound(

@@ -272,3 +272,17 @@ def test_club_bound_holds_while_the_encoder_minimises_it():
     second = stats[30:]
     assert sum(g for g, _ in second) / len(second) > 0
     assert sum(m for _, m in second) / len(second) >= -0.05
+
+
+def test_a_batch_of_padding_only_adds_nothing(gen):
+    """A rank whose last batch is all padding: every term is 0 and finite, no gradient, q unchanged."""
+    cfg = tiny()
+    model, critic = build_model(cfg), ClubCritic(cfg)
+    before = [p.detach().clone() for p in critic.params]
+    out = model(torch.randn(2, 3, 32, 32, generator=gen), generator=gen, valid=torch.zeros(2, dtype=torch.bool),
+                critic=critic)
+    for name in ("rec", "max", "min", "q"):
+        assert out.terms[name].item() == 0.0, name
+    out.loss.backward()
+    assert all(p.grad is None or (p.grad == 0).all() for p in model.parameters())
+    assert all(torch.equal(p, b) for p, b in zip(critic.params, before, strict=True))

@@ -21,7 +21,8 @@ def _club_health(steps: list[dict]) -> str:
         return ""
     gain = sum(r["club_q_gain"] for r in half) / len(half)
     bound = sum(r["loss_min"] for r in half) / len(half)
-    verdict = "q is fitted: L_min is an upper bound" if gain > 0 else "q does NOT beat a z-blind Gaussian: L_min is no bound"
+    verdict = ("q is fitted: L_min is an upper bound" if gain > 0
+               else "q does NOT beat a z-blind Gaussian: L_min is no bound")
     return (f"CLUB critic, second half of the run: q gain {gain:+.4f} nats/dim, L_min {bound:+.4f} nats/dim "
             f"({verdict}; docs/METHOD.md)")
 

@@ -47,7 +47,7 @@ def over_valid_rows(loss: Callable[..., torch.Tensor], weight: torch.Tensor, *ro
     """
     w = weight.float()
     zeroed = [t * w.view(-1, *([1] * (t.dim() - 1))).to(t.dtype) for t in rows]
-    return loss(*zeroed, **kwargs) * (w.numel() / w.sum())
+    return loss(*zeroed, **kwargs) * (w.numel() / w.sum().clamp_min(1))  # all padding: 0, not NaN
 
 
 def _average_gradients(params: list[torch.nn.Parameter]) -> None:
@@ -94,7 +94,7 @@ class ClubCritic:
                 self.optimizer.step()
         with torch.no_grad():
             w = weight.float()[:, None]
-            count = w.sum()
+            count = w.sum().clamp_min(1)
             per_dim_nll = 0.5 * (nll.detach() if self.club.reduction == "mean" else nll.detach() / x.shape[-1])
             mean = (x.float() * w).sum(0) / count
             var = ((x.float() - mean) ** 2 * w).sum(0) / count
