@@ -58,3 +58,10 @@ def test_bench_gpu_only_and_skip_choose_sections(tmp_path) -> None:
     assert json.loads(path.read_text())["sections"]["kernels"]["status"] == "skipped"
     with pytest.raises(SystemExit, match="unknown section"):
         main(["gpu", "--device", "cpu", "--only", "nope"])
+
+
+def test_bench_checkpoint_runs_and_cleans_up(capsys, tmp_path) -> None:
+    assert main(["checkpoint", "--config", "tiny", "--ranks", "2", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny:" in out and "in 3 files" in out and "verification at resume" in out
+    assert not list(tmp_path.iterdir())

@@ -257,6 +257,10 @@ def test_damaged_checkpoints_fall_back_or_stop_with_one_line_and_a_tag_folder_ex
                          env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert torch.load(tmp_path / "enc.pth", weights_only=True)["model"]
+    (alone / "mimae_rank00000.pt").write_bytes(b"")  # export checks the marker's sizes and sums too
+    out = subprocess.run([str(export), str(alone), str(tmp_path / "enc2.pth"), "--format", "mae"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode != 0 and "is damaged" in out.stderr and "mimae_rank00000.pt has 0 bytes" in out.stderr
 
     states = run / "checkpoints" / "step_000000004" / "mp_rank_00_model_states.pt"
     states.write_bytes(states.read_bytes()[:1000])  # a partial copy / full disk

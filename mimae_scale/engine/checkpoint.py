@@ -8,6 +8,8 @@ Layout of ``<run_dir>/checkpoints/``::
         mimae_rank00000.pt          ours: that rank's share of the TrainState (loader position, RNG)
         mimae_complete.json         ours: written by rank 0 only after every rank finished; lists
                                     every file above with its size and sha256
+        universal/                  DeepSpeed's universal format, made once when a run resumes it
+                                    on another number of ranks (its own marker inside)
     latest                          name of the newest complete tag (moved atomically)
     damaged_step_000000400/         a checkpoint that failed verification, set aside (never deleted)
 
@@ -286,8 +288,9 @@ class CheckpointManager:
         for marker in self.root.glob(f"step_*/{MARKER}"):
             try:
                 info = json.loads(marker.read_text())
+                # no "files": written before markers listed them; its state's format then names the version
                 found.append(Complete(marker.parent.name, info["step"], info["world_size"], info["zero_stage"],
-                                      info["fingerprint"], info["method"], info["files"]))
+                                      info["fingerprint"], info["method"], info.get("files", {})))
             except (OSError, ValueError, KeyError, TypeError):
                 unreadable.append(marker.parent.name)
         return sorted(found, key=lambda c: c.step), sorted(unreadable)
@@ -417,8 +420,10 @@ class CheckpointManager:
         for stale in (out, work):
             shutil.rmtree(stale, ignore_errors=True)
         started = time.perf_counter()
+        extract = min(8, os.cpu_count() or 1)  # worker processes; merging holds whole tensors, so fewer
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-               "--output_folder", str(work), "--num_extract_workers", "2", "--num_merge_workers", "1"]
+               "--output_folder", str(work), "--num_extract_workers", str(extract),
+               "--num_merge_workers", str(max(1, extract // 4))]
         done = subprocess.run(cmd, capture_output=True, text=True)
         (tag_dir / "ds_to_universal.log").write_text(done.stdout + done.stderr)
         if done.returncode != 0:

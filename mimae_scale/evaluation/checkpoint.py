@@ -17,6 +17,7 @@ What is loaded, and how:
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import torch
 import yaml
 
 from mimae_scale.config import Config, ConfigError, config_from_dict, load_config
-from mimae_scale.engine.checkpoint import CONFIG_KEY
+from mimae_scale.engine.checkpoint import CONFIG_KEY, MARKER, problems_in
 from mimae_scale.model import MIMAE, build_model
 
 MODEL_STATES_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
@@ -155,8 +156,24 @@ _DEEPSPEED_KEYS = {
 }
 
 
+def verify(folder: Path) -> None:
+    """A trainer checkpoint's files against the sizes and sha256 sums its completion marker lists
+    (folders without a marker, e.g. written by other tools, are read as they are)."""
+    marker = folder / MARKER
+    if not marker.is_file():
+        return
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{marker}: unreadable completion marker: {exc!r}") from None
+    problems = problems_in(folder, files)
+    if problems:
+        raise CheckpointError(f"{folder} is damaged: " + "; ".join(problems))
+
+
 def load_checkpoint(path: str | Path, config: str | Path | None = None) -> Checkpoint:
     folder = resolve_tag_folder(path)
+    verify(folder)
     states = _model_states(folder)
     stage = _zero_stage(states, folder)
     cfg = config_for(folder, states, config)
