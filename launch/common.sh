@@ -40,7 +40,7 @@
 # TORCH_NCCL_ASYNC_ERROR_HANDLING=1 and NCCL_ASYNC_ERROR_HANDLING=1 (a dead rank aborts the others
 # instead of hanging them), NCCL_DEBUG=WARN, PYTHONUNBUFFERED=1, PYTHONFAULTHANDLER=1.
 
-# Trainer exit statuses (COMMON.md contract): 0 done, 75 checkpointed after a stop signal, 2 bad config.
+# Trainer exit statuses (README, "Exit status"): 0 done, 75 checkpointed after a stop signal, 2 bad config.
 readonly MIMAE_EXIT_DONE=0
 readonly MIMAE_EXIT_REQUEUE=75
 readonly MIMAE_EXIT_CONFIG=2

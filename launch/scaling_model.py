@@ -3,7 +3,7 @@
     python launch/scaling_model.py        # prints the tables of docs/SCALING.md
 
 Parameter counts come from our model (built on the meta device, ``comm_check.parameter_numels``);
-per-GPU compute from the measured reference throughputs in ``../shared/docs/TARGETS.md``. Which
+per-GPU compute from the measured reference throughputs of the H200 reference figures (docs/PERFORMANCE.md). Which
 collectives each stage runs, and their sizes, are the ones ``launch/comm_check.py`` verifies
 against DeepSpeed's communication logger. Everything else is an assumption stated here.
 """
@@ -30,7 +30,7 @@ DEEPSPEED_DEFAULT_BUCKET = 500_000_000
 class Model:
     config: str
     label: str
-    images_per_s: float  # one GPU, training step, measured (TARGETS.md) or derived
+    images_per_s: float  # one GPU, training step, measured (H200 reference) or derived
     source: str
     micro_cap: int  # the launcher's MIMAE_MAX_MICRO_BATCH
 
@@ -45,13 +45,13 @@ def step_flops_per_image(config: str, num_masks: int = 4, ratio: float = 0.75) -
 
 
 def models() -> list[Model]:
-    vit_l = 590.0  # MI-MAE K=4 ViT-L/16, batch 128, H200, eager reference (TARGETS.md)
+    vit_l = 590.0  # MI-MAE K=4 ViT-L/16, batch 128, H200, eager reference (H200 reference)
     vit_h = vit_l * step_flops_per_image("mimae_vit_l16") / step_flops_per_image("mimae_vit_h14")
     return [
-        Model("mimae_vit_b16", "ViT-B/16", 1035.0, "measured (TARGETS.md, batch 256, H200 eager)", 64),
-        Model("mimae_vit_l16", "ViT-L/16", vit_l, "measured (TARGETS.md, batch 128, H200 eager)", 64),
+        Model("mimae_vit_b16", "ViT-B/16", 1035.0, "measured (H200 reference, batch 256, H200 eager)", 64),
+        Model("mimae_vit_l16", "ViT-L/16", vit_l, "measured (H200 reference, batch 128, H200 eager)", 64),
         Model("mimae_vit_h14", "ViT-H/14", vit_h, "ViT-L's rate x FLOP ratio (not measured)", 32),
-        Model("mimae_vit_l16", "ViT-L/16 at goal", 900.0, "the TARGETS.md goal (faster compute hides less)", 64),
+        Model("mimae_vit_l16", "ViT-L/16 at goal", 900.0, "the H200 reference goal (faster compute hides less)", 64),
     ]
 
 

@@ -1,6 +1,6 @@
 """Typed configuration: dataclasses, YAML files and ``key.sub=value`` overrides.
 
-One :class:`Config` describes a run. Defaults are the MI-MAE ViT-B/16 recipe of SPEC.md; the YAML
+One :class:`Config` describes a run. Defaults are the MI-MAE ViT-B/16 recipe of docs/METHOD.md; the YAML
 files in ``mimae_scale/configs/`` state only what differs. Loading refuses bad input before any
 work starts, with a :class:`ConfigError` that names the field: unknown keys, wrong types, values
 out of range and combinations that cannot work.

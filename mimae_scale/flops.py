@@ -1,7 +1,7 @@
 """Model FLOPs of an MI-MAE training step, and what the model-FLOP utilisation (MFU) divides by: a
 measured bf16 matmul ceiling (:func:`measure_matmul_tflops`), and the data sheet's peak beside it.
 
-Convention (TARGETS.md): 6 FLOPs per matmul parameter per token through it (2 forward, 4
+Convention (docs/METRICS.md): 6 FLOPs per matmul parameter per token through it (2 forward, 4
 backward) plus attention's 12 x T^2 x width per layer and sequence (QK^T and AV: 4 T^2 d forward,
 8 backward). The encoder runs on 1+L tokens per view (cls + visible patches), the decoder on 1+N,
 and each image is K views. Counted: the patch embedding (on the N patches of each image, once),

@@ -1,4 +1,4 @@
-"""MI-MAE's loss terms in plain PyTorch (SPEC.md section 1).
+"""MI-MAE's loss terms in plain PyTorch (docs/METHOD.md).
 
 These are the reference definitions: the fused Triton versions in :mod:`mimae_scale.kernels`
 must agree with them. Every function computes in float32 whatever the input dtype.

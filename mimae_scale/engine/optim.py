@@ -10,7 +10,7 @@ from torch import nn
 
 from mimae_scale.config import Config
 
-# Learned tokens and position embeddings are not decayed (SPEC.md section 2); in our model the
+# Learned tokens and position embeddings are not decayed (MAE's recipe); in our model the
 # position embeddings are fixed buffers, listed here so a learned variant stays covered.
 _NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 

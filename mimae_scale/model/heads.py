@@ -9,7 +9,7 @@ from torch import nn
 
 class Projector(nn.Module):
     """Linear(d, hidden) - LayerNorm - GELU - Linear(hidden, out). No BatchNorm: it would need a
-    cross-rank sync (SPEC.md, ours)."""
+    cross-rank sync (ours, docs/METHOD.md)."""
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
         super().__init__()

@@ -1,7 +1,7 @@
 """The MI-MAE model: MAE's encoder and decoder run on K masks per image, plus the MI heads.
 
 The K masks are batched as B*K sequences (row i*K + k is mask k of image i) so one pass of the
-encoder and decoder serves them all (SPEC.md section 1).
+encoder and decoder serves them all (docs/METHOD.md).
 """
 
 from __future__ import annotations
