@@ -163,8 +163,6 @@ class Trainer:
             self.state.register("critic", self.critic, replicated=True)  # the same q on every rank
         self.state.register("loader", self.loader, replicated=False)
         self.state.register("rng", RngStreams(self.device), replicated=False)
-        if self.critic is not None:  # CLUB's q and its Adam, identical on every rank
-            self.state.register("critic", self.critic, replicated=True)
         self.ckpt.resume(self._load)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
