@@ -65,7 +65,7 @@ def start_ranks(workdir: Path, job: str, port_base: int) -> list[subprocess.Pope
     overrides = [
         f"run_dir={workdir / 'run'}", "data.backend=synthetic", "train.micro_batch=8", "train.global_batch=16",
         "train.max_steps=100000", "train.log_every=2", "checkpoint.every_steps=4", f"metrics.job={job}",
-        f"metrics.port_base={port_base}", "metrics.peak_tflops=0.05",
+        f"metrics.port_base={port_base}", "metrics.peak_tflops=0.05", "metrics.ceiling_tflops=0.04",
     ]
     procs = []
     for rank in range(RANKS):

@@ -196,7 +196,8 @@ def test_two_node_job_rendezvous_scrape_preempt_requeue_resume(cluster, run):
         [f"--nodes={NODES}", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20",
          f"--chdir={tmp}", f"--output={out}", str(LAUNCHER), "data.backend=webdataset",
          "engine.zero_stage=1", "train.max_steps=100000", f"train.log_every={LOG_EVERY}",
-         "checkpoint.every_steps=8", "metrics.peak_tflops=0.05"],
+         "checkpoint.every_steps=8", "metrics.peak_tflops=0.05",
+         "metrics.ceiling_tflops=0.04"],
         env=job_env(tmp))
     job = run.job = Job(cluster, job_id, out, run_dir)
     targets = tmp / "targets" / f"{JOB_NAME}.json"

@@ -43,11 +43,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
-from deepspeed.checkpoint.constants import (
-    UNIVERSAL_CHECKPOINT_INFO,
-    UNIVERSAL_CHECKPOINT_VERSION_KEY,
-    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-)
 
 from mimae_scale.config import METHOD_SECTIONS, Config
 from mimae_scale.engine import faults
@@ -228,6 +223,14 @@ class TrainState:
         (self.replicated if replicated else self.per_rank)[name] = component
 
     def client_state(self) -> dict[str, Any]:
+        # imported here: importing DeepSpeed logs its accelerator choice on stdout, which the readers
+        # of this module that print JSON there (mimae-export) must not get
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
+
         # UNIVERSAL_CHECKPOINT_INFO: what DeepSpeed's ds_to_universal needs to convert the checkpoint
         # for another layout (data parallel only: no tensor-parallel merge patterns)
         return {"format": FORMAT, **{name: c.state_dict() for name, c in self.replicated.items()},
