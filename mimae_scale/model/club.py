@@ -50,6 +50,16 @@ def over_valid_rows(loss: Callable[..., torch.Tensor], weight: torch.Tensor, *ro
     return loss(*zeroed, **kwargs) * (w.numel() / w.sum().clamp_min(1))  # all padding: 0, not NaN
 
 
+def blind_gaussian_nll(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-dim NLL in nats, without the 2 pi constant, of a z-blind Gaussian fitted to the valid rows
+    of x: the baseline that q must beat for L_min to be a bound (``club_q_gain``)."""
+    w = weight.float()[:, None]
+    count = w.sum().clamp_min(1)
+    mean = (x.float() * w).sum(0) / count
+    var = ((x.float() - mean) ** 2 * w).sum(0) / count
+    return 0.5 * (torch.log(var.clamp_min(1e-12)) + 1.0).mean()
+
+
 def _average_gradients(params: list[torch.nn.Parameter]) -> None:
     """The mean of q's gradients over the ranks, in one all-reduce (every rank then takes the same step)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -98,13 +108,10 @@ class ClubCritic:
             w = weight.float()[:, None]
             count = w.sum().clamp_min(1)
             per_dim_nll = 0.5 * (nll.detach() if self.club.reduction == "mean" else nll.detach() / x.shape[-1])
-            mean = (x.float() * w).sum(0) / count
-            var = ((x.float() - mean) ** 2 * w).sum(0) / count
-            baseline = 0.5 * (torch.log(var.clamp_min(1e-12)) + 1.0).mean()
             logvar = logvar.detach()
             return {
                 "q": nll.detach(),
-                "club_q_gain": baseline - per_dim_nll,
+                "club_q_gain": blind_gaussian_nll(x, weight) - per_dim_nll,
                 "club_logvar_mean": (logvar * w).sum() / (count * logvar.shape[-1]),
                 "club_logvar_saturated": ((logvar.abs() > SATURATED).float() * w).sum() / (count * logvar.shape[-1]),
             }
