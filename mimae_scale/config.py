@@ -99,6 +99,10 @@ class DataConfig:
     hflip: bool = True
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # append to <run_dir>/samples/rankNNNNN.jsonl every training sample each rank hands out ("tar/key";
+    # with the world size, epoch, batch, and whether the pass is the rest of an epoch begun on another
+    # layout), to audit that an epoch used every sample once
+    trace_samples: bool = False
 
 
 @dataclass

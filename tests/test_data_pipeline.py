@@ -128,6 +128,61 @@ def test_resume_yields_the_same_next_batches(backend: str, stop_at: int, exhaust
         assert torch.equal(want["images"], got["images"])
 
 
+def _valid_labels(batch: dict) -> list[int]:
+    return [int(v) for v in batch["labels"][batch["valid"]]]
+
+
+def _through_a_file(state: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(state, buf)  # the state travels through a checkpoint file
+    return torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "old_world, old_accum, new_world, new_accum, stop_step",
+    [(2, 1, 1, 2, 3), (1, 2, 2, 1, 2), (3, 1, 1, 3, 2), (1, 3, 3, 1, 1), (2, 1, 3, 1, 5)],
+)
+def test_another_layout_goes_on_with_the_rest_of_the_epoch(backend: str, old_world: int, old_accum: int,
+                                                            new_world: int, new_accum: int, stop_step: int,
+                                                            id_shards: Path) -> None:
+    """Ranks of one layout stop mid-epoch; a layout with another number of ranks (same images per
+    step, so another accumulation) goes on with exactly the samples none of them used: the epoch
+    holds every sample once. The rest of the epoch resumes exactly on its own layout, and the
+    next epoch is a whole one."""
+    cfg = _cfg(backend, id_shards, seed=5)
+    old = [build_train_loader(cfg, r, old_world, CPU) for r in range(old_world)]
+    used = []
+    for ld in old:
+        it = iter(ld)
+        used += [label for _ in range(stop_step * old_accum) for label in _valid_labels(next(it))]
+    states = [_through_a_file(ld.state_dict()) for ld in old]
+    steps_left = (old[0].steps_per_epoch - stop_step * old_accum) // old_accum  # as the trainer counts them
+    new = [build_train_loader(cfg, r, new_world, CPU) for r in range(new_world)]
+    for ld in new:
+        info = ld.continue_epoch(states, steps_left, new_accum)
+        assert info == {"epoch": 0, "used": len(used), "left": N - len(used), "repeated": 0}
+        assert ld.batches_left % new_accum == 0 and ld.batches_left >= steps_left * new_accum
+    rest = [list(ld) for ld in new]
+    got = used + [label for batches in rest for b in batches for label in _valid_labels(b)]
+    assert sorted(got) == list(range(N))  # every sample of the epoch once: none skipped, none twice
+    assert len({len(batches) for batches in rest}) == 1  # every rank runs the same number of batches
+    assert all(ld.epoch == 1 for ld in new)
+    nxt = [label for ld in new for b in ld for label in _valid_labels(b)]
+    assert sorted(nxt) == list(range(N))  # then whole epochs on the new layout
+
+    # the rest of an epoch is itself resumable, exactly, on its layout
+    first = build_train_loader(cfg, new_world - 1, new_world, CPU)
+    first.continue_epoch(states, steps_left, new_accum)
+    it = iter(first)
+    next(it)
+    resumed = build_train_loader(cfg, new_world - 1, new_world, CPU)
+    resumed.load_state_dict(_through_a_file(first.state_dict()))
+    for want, batch in zip(rest[-1][1:], resumed, strict=True):
+        assert torch.equal(want["valid"], batch["valid"]) and torch.equal(want["labels"], batch["labels"])
+        assert torch.equal(want["images"], batch["images"])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_refuses_a_state_it_cannot_continue(backend: str, id_shards: Path) -> None:
     """Another backend's state, or one saved with another world size, is an error naming the field;

@@ -19,10 +19,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import webdataset as wds
 
 from mimae_scale.config import load_config
-from mimae_scale.engine.checkpoint import FORMAT, MARKER
+from mimae_scale.engine.checkpoint import FORMAT, MARKER, tag_for
 from mimae_scale.engine.distributed import free_port
+from mimae_scale.engine.optim import LRSchedule
 
 pytestmark = pytest.mark.slow
 
@@ -294,38 +296,84 @@ def _plain(run: Path, overrides: list[str], log: Path) -> int:
                               env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
 
 
+def _epoch_samples(run: Path, epoch: int, segments: list[tuple[int, bool, int]]) -> list[str]:
+    """The samples of ``epoch`` in the runs' sample traces, from the segments (world size, rest of the
+    epoch?, batches per rank trained before the next segment took over) that made the epoch."""
+    traces = sorted((run / "samples").glob("rank*.jsonl"))
+    records = [json.loads(line) for f in traces for line in f.read_text().splitlines()]
+    used = []
+    for world, rest, batches in segments:
+        used += [name for r in records if (r["world_size"], r["rest"], r["epoch"]) == (world, rest, epoch)
+                 and r["batch"] < batches for name in r["samples"]]
+    return used
+
+
 @pytest.mark.parametrize("stage", [1, 3])
 def test_resume_on_another_number_of_ranks(tmp_path, demo_data, stage):
-    """2 ranks -> 1 rank (-> 2 ranks under ZeRO 3) through DeepSpeed's universal checkpoint: converted
-    once, beside the original; the epoch interrupted by the change is replayed from its start on the
-    new layout (its LR and steps again, every sample seen, those seen before counted), and the weights
-    and optimiser state carry over: the loss goes on from where it was, not from a fresh model."""
+    """2 ranks -> 1 rank (-> 2 ranks under ZeRO 3) through DeepSpeed's universal checkpoint, converted
+    once, beside the original. The new layout goes on with the interrupted epoch's unused samples:
+    the step, the learning rate and the loss go on, and the epoch uses every sample exactly once
+    (the runs' sample traces against the webdataset library's listing of the shards)."""
     run = tmp_path / "run"
     # 240 images, 48 per step: 5 steps per epoch on 2 ranks (24 each) and on 1 (2 x 24), so the
     # schedule is the same on both layouts
     settings = [*demo_data, "train.global_batch=48", "train.micro_batch=24", "train.log_every=1",
                 "checkpoint.every_steps=3", f"engine.zero_stage={stage}", "optim.base_lr=3e-3",
-                "optim.warmup_epochs=0.4", "train.epochs=4"]
-    job = train(run, [*settings, "train.max_steps=8"], tmp_path / "two.log")
-    assert job.wait() == 0, job.output[-4000:]
+                "optim.warmup_epochs=0.4", "train.epochs=4", "data.trace_samples=true"]
+    cfg = load_config("tiny", [f"run_dir={run}", *settings])
+    lr_at = LRSchedule.from_config(cfg, steps_per_epoch=5)
+    shards = Path(cfg.data.train_shards)
+    every_sample = sorted(f"{Path(s['__url__']).name}/{s['__key__']}"
+                          for s in wds.WebDataset(sorted(str(t) for t in shards.glob("*.tar")), shardshuffle=False))
+    assert len(every_sample) == 240
+    if stage == 1:  # killed like a lost node, after the checkpoint of step 6 (epoch 1 begins at step 6)
+        job = train(run, settings, tmp_path / "two.log")
+        job.wait_for_step(run, 7)
+        deadline = time.monotonic() + TIMEOUT
+        while 6 not in complete_steps(run) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(job.proc.pid, signal.SIGKILL)
+        job.proc.wait()
+        for tag in [t for t in (run / "checkpoints").glob("step_*") if t.name != "step_000000006"]:
+            shutil.rmtree(tag)  # the kill came after step 6: resume from there
+        (run / "checkpoints" / "latest").write_text("step_000000006\n")
+        stop = 6
+    else:
+        job = train(run, [*settings, "train.max_steps=8"], tmp_path / "two.log")
+        assert job.wait() == 0, job.output[-4000:]
+        stop = 8
     before = {r["step"]: r for r in records(run)}
-    assert complete_steps(run) == [6, 8]  # step 8: mid-epoch 1 (steps 6-10)
+    seen_before = len(records(run))
 
-    assert _plain(run, [*settings, "train.max_steps=9"], tmp_path / "one.log") == 0
+    assert _plain(run, [*settings, f"train.max_steps={stop + 1}"], tmp_path / "one.log") == 0
     one = (tmp_path / "one.log").read_text()
-    assert "converted" in one and "universal format" in one and "layout changed (2 ranks -> 1)" in one
-    assert "resuming at the start of epoch 1, step 5; 144 samples of that epoch seen before the stop are seen again" \
-        in one
-    assert (run / "checkpoints" / "step_000000008" / "universal" / MARKER).is_file()
-    after = {r["step"]: r for r in records(run)[len(before):]}
-    assert sorted(after) == [6, 7, 8, 9]
-    for step in (6, 7, 8):
-        assert after[step]["lr"] == pytest.approx(before[step]["lr"], rel=1e-9)  # the same schedule
-    # the weights came back trained (a fresh model would start near step 1's loss; these samples
-    # were also trained on before the stop)
-    assert after[6]["loss_rec"] < 0.95 * before[1]["loss_rec"], (before[1], after[6])
+    assert "converted" in one and "universal format" in one, one[-3000:]
+    left = 240 - 48 * (stop - 5)
+    assert (f"layout changed (2 ranks -> 1) at step {stop}: epoch 1 goes on with its {left} samples not yet used "
+            f"({240 - left} used before the stop; 0 read twice) in {10 - stop} steps") in one, one[-3000:]
+    assert (run / "checkpoints" / tag_for(stop) / "universal" / MARKER).is_file()
+    after = {r["step"]: r for r in records(run)[seen_before:]}
+    assert sorted(after) == [stop + 1]  # the step goes on
+    segments = [(2, False, stop - 5), (1, True, 2)]
     if stage == 3:  # and back to 2 ranks: the 1-rank checkpoint of step 9 converts the same way
         job = train(run, [*settings, "train.max_steps=11"], tmp_path / "back.log")
         assert job.wait() == 0, job.output[-4000:]
-        assert "layout changed (1 ranks -> 2)" in job.output and "start of epoch 1, step 5" in job.output
-        assert records(run)[-1]["step"] == 11
+        assert ("layout changed (1 ranks -> 2) at step 9: epoch 1 goes on with its 48 samples not yet used "
+                "(192 used before the stop; 0 read twice) in 1 steps") in job.output, job.output[-3000:]
+        after = {r["step"]: r for r in records(run)[seen_before:]}
+        assert sorted(after) == [9, 10, 11]
+        segments.append((2, True, 1))
+    else:  # and on to the end of the epoch on the one rank
+        assert _plain(run, [*settings, "train.max_steps=11"], tmp_path / "one_more.log") == 0
+        after = {r["step"]: r for r in records(run)[seen_before:]}
+        assert sorted(after) == list(range(stop + 1, 12))
+        segments[1] = (1, True, 8)
+    assert sorted(_epoch_samples(run, 1, segments)) == every_sample  # the epoch: every sample, once
+    assert sorted(_epoch_samples(run, 2, [(segments[-1][0], False, 2)])) != []  # then a whole new epoch
+    for step, record in after.items():
+        assert record["lr"] == pytest.approx(lr_at(step - 1), rel=1e-9)  # the schedule goes on
+    # the weights and optimiser came back trained: the loss goes on where it was, far below a
+    # fresh model's (step 1)
+    last = max(k for k in before if k <= stop)
+    assert after[stop + 1]["loss_rec"] < 0.9 * before[1]["loss_rec"], (before[1], after[stop + 1])
+    assert after[stop + 1]["loss_rec"] == pytest.approx(before[last]["loss_rec"], rel=0.15), (before[last], after)

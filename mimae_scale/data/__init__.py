@@ -3,7 +3,9 @@
 A train loader (see :class:`TrainLoader`) yields ``{"images": (B, C, H, W) float, "labels": (B,)
 int64}`` with B = ``cfg.train.micro_batch``, exactly ``steps_per_epoch`` batches per pass, and
 each new ``iter()`` starts the next epoch. ``state_dict()`` / ``load_state_dict()`` capture where
-it stands, so a resumed run sees the same next batches as one that never stopped.
+it stands, so a resumed run sees the same next batches as one that never stopped; on another
+number of ranks, ``continue_epoch(old ranks' states, ...)`` goes on with the samples of the
+interrupted epoch that no rank used yet.
 
 The shard backends (``dali``, ``webdataset``) also yield ``"valid": (B,) bool``: False marks the
 padding rows of a rank's last batch of an epoch (repeats of a real sample, there so that every
@@ -24,10 +26,16 @@ from mimae_scale.data.shardset import resolve_shards
 
 
 class TrainLoader(Protocol):
-    steps_per_epoch: int
+    steps_per_epoch: int  # batches of a whole epoch on this layout
     skipped_samples: int
+    epoch: int
+
+    @property
+    def batches_left(self) -> int: ...  # batches the current pass still yields
 
     def __iter__(self): ...
+
+    def continue_epoch(self, states: list[dict[str, Any]], steps_left: int, accumulation: int) -> dict[str, int]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 

@@ -21,19 +21,25 @@ Decoding runs on the GPU (``device="mixed"``, hardware decoder share ``data.hw_d
 when the loader's device is CUDA, else the whole pipeline is CPU-only (``device_id=None``).
 
 Resume: DALI's pipeline checkpointing (reader position, shuffle window and every random
-generator) taken through the iterator, so batches prefetched but not consumed are not lost.
+generator) taken through the iterator, so batches prefetched but not consumed are not lost. Each
+sample also carries its source (``fn.get_property(key="source_info")``: tar, offset, name), from
+which the loader marks the epoch's used samples; on another layout the rest of the epoch is read
+through index files that list only the samples not yet used (mimae_scale.data.samples).
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import zlib
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mimae_scale.config import Config
 from mimae_scale.data.common import EVAL_CROP_FRACTION, ShardLoader, tar_order, to_device
+from mimae_scale.data.samples import source_key, write_remainder_indexes
 from mimae_scale.data.shardset import valid_mask
 
 log = logging.getLogger(__name__)
@@ -121,7 +127,8 @@ def _build_pipeline(
                 images, dtype=types.FLOAT, output_layout="CHW", crop=(size, size), mean=mean, std=std
             )
         labels = fn.pad(cls, fill_value=0, shape=[LABEL_BYTES])
-        return images, labels
+        source = fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)  # "tar:offset:name", 0-padded
+        return images, labels, source
 
     p = pipe(checkpoint=checkpoint)
     p.build()
@@ -144,26 +151,32 @@ class DaliLoader(ShardLoader):
             from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
             order = tar_order(self.cfg.seed, self.epoch, len(self.shards.tars)) if self.train else None
-            tars = [self.shards.tars[i] for i in order] if order else self.shards.tars
-            indexes = [self.shards.indexes[i] for i in order] if order else self.shards.indexes
-            pipe = _build_pipeline(
-                self.cfg,
-                tars,
-                indexes,
-                self.rank,
-                self.world_size,
-                self.device,
-                self.batch_size,
-                self.train,
-                _pipeline_seed(self.cfg, self.rank, self.epoch),
-                self._resume_from,
-            )
+            order = order or list(range(len(self.shards.tars)))
+            with tempfile.TemporaryDirectory(prefix="mimae-remainder-") as scratch:  # read by build()
+                if self.remaining is None:
+                    tars = [self.shards.tars[i] for i in order]
+                    indexes = [self.shards.indexes[i] for i in order]
+                else:  # the rest of an epoch begun on another layout
+                    tars, indexes = write_remainder_indexes(self.ids, order, self.remaining, Path(scratch))
+                pipe = _build_pipeline(
+                    self.cfg,
+                    tars,
+                    indexes,
+                    self.rank,
+                    self.world_size,
+                    self.device,
+                    self.batch_size,
+                    self.train,
+                    _pipeline_seed(self.cfg, self.rank, self.epoch),
+                    self._resume_from,
+                )
             epoch_size = pipe.reader_meta(READER)["epoch_size"]
-            if epoch_size != self.num_samples:
-                raise RuntimeError(f"DALI reads {epoch_size} samples, the index files list {self.num_samples} usable")
+            if epoch_size != sum(self.share_sizes):
+                raise RuntimeError(f"DALI reads {epoch_size} samples, the index files list {sum(self.share_sizes)} "
+                                   "usable")
             self._iterator = DALIGenericIterator(
                 pipe,
-                ["images", "labels"],
+                ["images", "labels", "source"],
                 reader_name=READER,
                 last_batch_policy=LastBatchPolicy.FILL,
                 auto_reset=False,
@@ -172,11 +185,10 @@ class DaliLoader(ShardLoader):
             self._resume_from = None
         return self._iterator
 
-    def _start_next_pass(self) -> None:
-        self.batch_in_epoch = 0
+    def _next_epoch(self) -> None:
+        super()._next_epoch()
         self._restart_point = (0, None)
         if self.train:  # a new pipeline with the next epoch's order
-            self.epoch += 1
             self._iterator = None
         else:  # eval: the same pipeline reads the same share again
             self._dali_iterator().reset()
@@ -210,23 +222,36 @@ class DaliLoader(ShardLoader):
             ) from second
 
     def __iter__(self):
-        if self.batch_in_epoch >= self.steps_per_epoch:
-            self._start_next_pass()
-        while self.batch_in_epoch < self.steps_per_epoch:
+        if self.batch_in_epoch >= self.pass_batches:  # a state saved at a pass's very end
+            self._next_epoch()
+        reader_batches = -(-max(self.share_sizes) // self.batch_size)  # what DALI yields, padded
+        while self.batch_in_epoch < self.pass_batches:
+            if self.batch_in_epoch >= reader_batches:  # a pass stretched to whole steps: padding only
+                self.batch_in_epoch += 1
+                yield self._padding_batch()
+                continue
             out = self._next_batch()
             valid = torch.tensor(valid_mask(self.share_sizes[self.rank], self.batch_in_epoch, self.batch_size))
+            if self.train:
+                self._mark_batch(out["source"], valid)
             self.batch_in_epoch += 1
             yield {
                 "images": to_device(out["images"], self.device, self.dtype),  # mixed decode: already there
                 "labels": to_device(labels_from_ascii(out["labels"]), self.device),
                 "valid": to_device(valid, self.device),
             }
+        self._next_epoch()
+
+    def _mark_batch(self, source: torch.Tensor, valid: torch.Tensor) -> None:
+        infos = [bytes(row).rstrip(b"\0").decode() for row, ok in zip(source.numpy(), valid.tolist(), strict=True)
+                 if ok]
+        self._mark_seen([self.ids.from_source_info(i) for i in infos], [source_key(i) for i in infos])
 
     def state_dict(self) -> dict[str, Any]:
         """{"backend": "dali", "epoch", "batch_in_epoch" (batches consumed in that epoch), "rank",
         "world_size", "num_samples", "pipeline": DALI checkpoint string of the epoch's pipeline (None
         at an epoch's start or end)}; plain types, safe for ``torch.load(weights_only=True)``."""
-        at_edge = self.batch_in_epoch in (0, self.steps_per_epoch) or self._iterator is None
+        at_edge = self.batch_in_epoch in (0, self.pass_batches) or self._iterator is None
         pipeline = self._resume_from if at_edge else self._iterator.checkpoints()[0]
         if not at_edge:
             self._restart_point = (self.batch_in_epoch, pipeline)  # a later restart replays less

@@ -44,8 +44,18 @@ class SyntheticLoader:
         self.epoch += 1
         self.batch_in_epoch = 0
 
+    @property
+    def batches_left(self) -> int:
+        return self.steps_per_epoch - self.batch_in_epoch
+
+    def continue_epoch(self, states: list[dict[str, Any]], steps_left: int, accumulation: int) -> dict[str, int]:
+        """Another layout: go on in the same epoch with as many steps left (the images are made up)."""
+        self.epoch = int(states[0]["epoch"])
+        self.batch_in_epoch = max(self.steps_per_epoch - steps_left * accumulation, 0)
+        return {"epoch": self.epoch, "used": 0, "left": 0, "repeated": 0}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "pass_batches": self.steps_per_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])

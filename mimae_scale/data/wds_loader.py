@@ -76,37 +76,35 @@ class WdsLoader(ShardLoader):
 
     # -- the sample stream ------------------------------------------------------------------
     def _share_stream(self) -> Iterator[dict[str, Any]]:
-        """This rank's contiguous share of the epoch's sample order (raw bytes, not decoded)."""
+        """This rank's contiguous share of the pass's sample order (raw bytes, not decoded); train
+        samples carry their global id (``__id__``) and a pass over the rest of an epoch reads only
+        the ``remaining`` ones."""
         order = tar_order(self.cfg.seed, self.epoch, len(self.shards.tars)) if self.train else None
         order = order or list(range(len(self.shards.tars)))
         start = sum(self.share_sizes[: self.rank])
         count = self.share_sizes[self.rank]
         if count == 0:
             return
-        urls, pos, skip = [], 0, 0
+        pos, taken = 0, 0
         for i in order:
-            n = self.shards.counts[i]
-            if pos + n <= start:  # the whole tar lies before this rank's share
-                pos += n
+            ids = self.ids.tar_ids(i) if self.train else range(self.shards.counts[i])
+            wanted = ids if self.remaining is None else [g for g in ids if self.remaining[g]]
+            if pos + len(wanted) <= start:  # the whole tar lies before this rank's share
+                pos += len(wanted)
                 continue
-            if not urls:
-                skip = start - pos
-            urls.append(self.shards.tars[i])
-            pos += n
-            if pos >= start + count:
-                break
-        pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
-        taken = 0
-        for sample in pipeline:
-            if "jpg" not in sample or "cls" not in sample:
-                continue  # counted in shards.skipped
-            if skip:
-                skip -= 1
-                continue
-            yield sample
-            taken += 1
-            if taken == count:
-                return
+            keep = set(wanted)
+            usable = (s for s in wds.DataPipeline(wds.SimpleShardList([self.shards.tars[i]]),
+                                                  wds.tarfile_to_samples()) if "jpg" in s and "cls" in s)
+            for sample_id, sample in zip(ids, usable, strict=True):  # not usable ones: counted in shards.skipped
+                if sample_id not in keep:
+                    continue
+                pos += 1
+                if pos <= start:
+                    continue
+                yield {**sample, "__id__": sample_id}
+                taken += 1
+                if taken == count:
+                    return
 
     def _shuffled(self, stream: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         if not self.train:
@@ -170,34 +168,33 @@ class WdsLoader(ShardLoader):
         }
 
     def __iter__(self):
-        if self.batch_in_epoch >= self.steps_per_epoch:  # restored at an epoch's very end
-            self._finish_epoch()
+        if self.batch_in_epoch >= self.pass_batches:  # restored at a pass's very end
+            self._next_epoch()
         stream = self._shuffled(self._share_stream())
         real_total = self.share_sizes[self.rank]
         consumed = self.batch_in_epoch * self.batch_size
         for _ in range(min(consumed, real_total)):  # resume: replay without decoding
             next(stream)
-        last = None
-        while self.batch_in_epoch < self.steps_per_epoch:
+        while self.batch_in_epoch < self.pass_batches:
             first = self.batch_in_epoch * self.batch_size
             samples = list(itertools.islice(stream, self.batch_size))
+            if not samples:  # past this rank's share: a pass stretched to whole steps, or an empty share
+                if real_total == 0:
+                    raise ValueError(
+                        f"rank {self.rank} has no samples: {sum(self.share_sizes)} samples for {self.world_size} ranks"
+                    )
+                self.batch_in_epoch += 1
+                yield self._padding_batch()
+                continue
             real = len(samples)
-            if samples:
-                last = samples[-1]
-            if last is None:  # an empty share (more ranks than samples): nothing to repeat
-                raise ValueError(
-                    f"rank {self.rank} has no samples: {self.num_samples} samples for {self.world_size} ranks"
-                )
-            samples += [last] * (self.batch_size - real)
+            if self.train:
+                self._mark_seen([s["__id__"] for s in samples],
+                                [f"{s['__url__'].rsplit('/', 1)[-1]}/{s['__key__']}" for s in samples])
+            samples += [samples[-1]] * (self.batch_size - real)
             batch = self._batch(samples, first, real)
             self.batch_in_epoch += 1
             yield batch
-        self._finish_epoch()
-
-    def _finish_epoch(self) -> None:
-        self.batch_in_epoch = 0
-        if self.train:
-            self.epoch += 1
+        self._next_epoch()
 
     def state_dict(self) -> dict[str, Any]:
         # skipped_samples: the counter goes on across restarts

@@ -51,7 +51,7 @@ log = logging.getLogger("mimae_scale.engine")
 
 MARKER = "mimae_complete.json"
 LATEST = "latest"
-FORMAT = "mimae_scale/2"
+FORMAT = "mimae_scale/3"  # 3: loaders record the epoch's used samples, the trainer its accumulation
 UNIVERSAL = "universal"  # the tag's universal-format copy, for resuming on another number of ranks
 CONFIG_KEY = "config"  # the run's config in the client state (evaluation and export read it there)
 DAMAGED_PREFIX = "damaged_"  # not "step_*": never pruned, never chosen

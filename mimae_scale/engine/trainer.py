@@ -185,32 +185,32 @@ class Trainer:
         mine = torch.load(mine_file, map_location="cpu", weights_only=True) if mine_file.exists() else None
         self.state.load(client, mine, tag_dir, skip=("loader",) if self.relayout else ())
         if self.relayout:
-            self._restart_epoch(chosen)
+            self._continue_epoch(chosen, tag_dir)
         log.info("resumed from %s: step %d, epoch %d, %d images seen", tag_dir, self.step,
                  self.step // self.steps_per_epoch, self.step * self.cfg.train.global_batch)
 
-    def _restart_epoch(self, chosen: Complete) -> None:
-        """On another layout the loader's per-rank position does not apply: replay the interrupted epoch
-        from its start, so that every sample of it is seen (those seen before the stop, twice)."""
-        epoch = self.epoch_at_load
-        seen_twice = self.step * self.cfg.train.global_batch - epoch * self.samples_per_epoch_at_load
-        self.step = epoch * self.steps_per_epoch
-        self.loader.epoch, self.loader.batch_in_epoch = epoch, 0
-        log.warning("layout changed (%d ranks -> %d): resuming at the start of epoch %d, step %d; %d samples of "
-                    "that epoch seen before the stop are seen again", chosen.world_size, self.env.world_size, epoch,
-                    self.step, max(seen_twice, 0))
+    def _continue_epoch(self, chosen: Complete, tag_dir: Path) -> None:
+        """On another layout the loader positions of the old ranks do not apply one to one: every new
+        rank reads all of them, and the new layout goes on with the interrupted epoch's unused samples
+        in the steps that epoch had left (the step, the schedule and the RNG streams go on)."""
+        old = [torch.load(tag_dir / rank_file(r), map_location="cpu", weights_only=True)["loader"]
+               for r in range(chosen.world_size)]
+        steps_left = (old[0]["pass_batches"] - old[0]["batch_in_epoch"]) // self.accumulation_at_load
+        where = self.loader.continue_epoch(old, steps_left, self.accumulation)
+        log.warning("layout changed (%d ranks -> %d) at step %d: epoch %d goes on with its %d samples not yet used "
+                    "(%d used before the stop; %d read twice) in %d steps", chosen.world_size, self.env.world_size,
+                    self.step, where["epoch"], where["left"], where["used"], where["repeated"],
+                    self.loader.batches_left // self.accumulation)
 
     def state_dict(self) -> dict[str, int]:
         """The trainer's counters (a replicated TrainState component); epoch and samples for readers."""
-        return {"step": self.step, "consecutive_skips": self.consecutive_skips,
-                "epoch": self.step // self.steps_per_epoch, "samples": self.step * self.cfg.train.global_batch,
-                "samples_per_epoch": self.steps_per_epoch * self.cfg.train.global_batch}
+        return {"step": self.step, "consecutive_skips": self.consecutive_skips, "accumulation": self.accumulation,
+                "epoch": self.step // self.steps_per_epoch, "samples": self.step * self.cfg.train.global_batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.step = int(state["step"])
         self.consecutive_skips = int(state["consecutive_skips"])
-        self.epoch_at_load = int(state["epoch"])
-        self.samples_per_epoch_at_load = int(state["samples_per_epoch"])
+        self.accumulation_at_load = int(state["accumulation"])  # the old layout's batches per step
 
     def _log_settings(self) -> None:
         if not self.env.is_main:
@@ -304,7 +304,7 @@ class Trainer:
             step_started = time.perf_counter()
             wait_before = interval.data_wait_s
             out = self.train_step(self._micro_batches(epoch_iter, interval))
-            if self.step % self.steps_per_epoch == 0:  # epoch done: let the loader move to the next one
+            if self.loader.batches_left < self.accumulation:  # epoch done: let the loader move to the next one
                 self.dropped_micro_batches += sum(1 for _ in epoch_iter)
                 epoch_iter = None
                 self._online_knn()
@@ -343,7 +343,7 @@ class Trainer:
 
     def _online_knn(self) -> None:
         """Every ``eval.knn_every_epochs`` epochs: kNN top-1 of the encoder on ``data.val_shards``."""
-        epochs_done = self.step // self.steps_per_epoch
+        epochs_done = self.loader.epoch  # the loader has moved on to the next epoch
         if not knn_due(self.cfg, epochs_done):
             return
         result = online_knn(self.engine.module, self.cfg, self.env.rank, self.env.world_size, self.device)
