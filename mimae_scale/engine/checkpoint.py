@@ -392,6 +392,7 @@ class CheckpointManager:
                 except (CheckpointMismatch, CheckpointUnusable):
                     raise
                 except Exception as exc:  # torch.load / DeepSpeed on a file that passed its checks
+                    log.error("loading %s failed", chosen.tag, exc_info=True)
                     problems = [f"{self.root / chosen.tag} does not load: {type(exc).__name__}: {exc}"]
                 problems = [p for part in _all_ranks(problems) for p in part]
             if not problems:
@@ -410,12 +411,18 @@ class CheckpointManager:
         its own marker; a conversion that was interrupted or damaged is redone. Collective."""
         tag_dir = self.root / chosen.tag
         out = tag_dir / UNIVERSAL
+        failure: list[BaseException | None] = [None]
         if self.rank == 0:
             info = _read_marker(out / MARKER)
-            if info is None or problems_in(out, info["files"]):
-                self._convert(tag_dir, out)
+            try:
+                if info is None or problems_in(out, info["files"]):
+                    self._convert(tag_dir, out)
+            except Exception as exc:  # every rank must hear of it, not wait for rank 0 at a barrier
+                failure = [exc]
         if dist.is_initialized():
-            dist.barrier()
+            dist.broadcast_object_list(failure, src=0)
+        if failure[0] is not None:
+            raise failure[0]
         return out
 
     def _convert(self, tag_dir: Path, out: Path) -> None:
@@ -432,6 +439,8 @@ class CheckpointManager:
         if done.returncode != 0:
             raise CheckpointMismatch(f"{tag_dir}: DeepSpeed's ds_to_universal failed (status {done.returncode}), "
                                      f"see {tag_dir / 'ds_to_universal.log'}; resume with the original layout")
+        _both_model_state_names(work)
+        _loadable_by_any_stage(work)
         names = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())
         _fsync_tree(work)
         _write_atomic(work / MARKER, json.dumps({"files": describe(work, names)}) + "\n")
@@ -447,6 +456,68 @@ class CheckpointManager:
             _write_atomic(latest, chosen.tag + "\n")
 
 
+def _both_model_state_names(universal: Path) -> None:
+    """Let a universal copy load under any ZeRO stage. DeepSpeed restores the weights from its
+    ``zero/`` folder and reads only metadata and our client state from the model-states file, but it
+    looks that file up by the *loading* engine's naming: ``zero_pp_rank_0_mp_rank_00_model_states.pt``
+    under ZeRO 3, ``mp_rank_00_model_states.pt`` below. The conversion keeps the writer's name;
+    the other one is added as a hard link (a copy where links are not supported)."""
+    pairs = [("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")]
+    for below, stage3 in pairs:
+        for have, add in ((below, stage3), (stage3, below)):
+            if (universal / have).is_file() and not (universal / add).exists():
+                try:
+                    os.link(universal / have, universal / add)
+                except OSError:
+                    shutil.copy2(universal / have, universal / add)
+
+
+def load_universal(engine, universal: Path) -> tuple[str | None, dict[str, Any]]:
+    """Load a universal copy into ``engine`` (configured with ``checkpoint.load_universal``), any ZeRO
+    stage 1-3 and number of ranks. DeepSpeed's ZeRO 3 loader gives every parameter group the settings
+    of the first one (weight decay included, so the no-decay group would decay): the groups keep the
+    settings this run built them with; the optimiser's state and step come from the checkpoint."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
+    path, client = engine.load_checkpoint(str(universal), tag=".")
+    for group, own in zip(engine.optimizer.param_groups, settings, strict=True):
+        group.update(own)
+    return path, client
+
+
+def _loadable_by_any_stage(universal: Path) -> None:
+    """DeepSpeed's ZeRO 1/2 and ZeRO 3 read a universal checkpoint differently, and ``ds_to_universal``
+    writes the form of the stage that *wrote* the checkpoint. Add what the other stage reads, so the
+    copy resumes under any stage 1-3 (same values, other containers):
+    - per parameter, ZeRO 1/2 read ``{"param": tensor of the parameter's shape, "cat_dim"}`` and a
+      ``step.pt``; a ZeRO 3 writer leaves flat tensors and no step;
+    - ZeRO 1/2 refuse optimizer global state without a DeepSpeed version (a ZeRO 3 writer writes none);
+      ZeRO 3 reads the step and the groups' settings from an ``optimizer_state_dict`` entry (a ZeRO 1/2
+      writer writes none)."""
+    from deepspeed.checkpoint.constants import CAT_DIM, DS_VERSION, OPTIMIZER_STATE_DICT, PARAM, PARAM_SHAPES
+
+    zero = universal / "zero"
+    optim_path = zero / "optimizer_state.pt"
+    optim = torch.load(optim_path, map_location="cpu", weights_only=False)  # DeepSpeed's objects, just written
+    meta = torch.load(sorted(universal.glob("*model_states.pt"))[0], map_location="cpu", weights_only=False)
+    shapes = {name: shape for group in meta[PARAM_SHAPES] for name, shape in group.items()}
+    if OPTIMIZER_STATE_DICT in optim:
+        step = torch.as_tensor(float(optim[OPTIMIZER_STATE_DICT]["state"][0]["step"]))
+    else:
+        step = torch.load(next(zero.glob("*/step.pt")), map_location="cpu", weights_only=False)
+    for folder in sorted(p for p in zero.iterdir() if p.is_dir() and p.name in shapes):  # not buffers
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            if not (folder / f"{key}.pt").exists():  # a parameter without optimiser state
+                continue
+            value = torch.load(folder / f"{key}.pt", map_location="cpu", weights_only=False)
+            if not isinstance(value, dict):
+                torch.save({PARAM: value.view(shapes[folder.name]), CAT_DIM: 0}, folder / f"{key}.pt")
+        if not (folder / "step.pt").exists():
+            torch.save(step, folder / "step.pt")
+    optim.setdefault(DS_VERSION, meta[DS_VERSION])
+    optim.setdefault(OPTIMIZER_STATE_DICT, {"state": {0: {"step": step}}, "param_groups": optim["param_groups"]})
+    torch.save(optim, optim_path)
+
+
 def check_resumable(chosen: Complete, cfg: Config, world_size: int, root: Path) -> None:
     """Refuse, naming what differs, a checkpoint this run cannot continue (from its marker alone,
     before anything is built)."""
@@ -458,11 +529,11 @@ def check_resumable(chosen: Complete, cfg: Config, world_size: int, root: Path) 
             f"(fingerprint {chosen.fingerprint}, this run {fingerprint}): " + "; ".join(diffs)
             + ". Use a new run_dir, or the original settings."
         )
-    if chosen.zero_stage != zero_stage or (zero_stage == 0 and chosen.world_size != world_size):
+    if 0 in (chosen.zero_stage, zero_stage) and (chosen.zero_stage, chosen.world_size) != (zero_stage, world_size):
         raise CheckpointMismatch(
             f"{root / chosen.tag} was written with ZeRO stage {chosen.zero_stage} by {chosen.world_size} ranks; this "
-            f"run has stage {zero_stage} and {world_size} ranks. Another number of ranks is converted "
-            f"automatically for ZeRO stages 1-3, another stage is not: set engine.zero_stage={chosen.zero_stage}."
+            f"run has stage {zero_stage} and {world_size} ranks. Another layout is converted automatically between "
+            f"ZeRO stages 1-3 only: set engine.zero_stage={chosen.zero_stage} and use {chosen.world_size} ranks."
         )
 
 

@@ -33,6 +33,7 @@ from mimae_scale.engine.checkpoint import (
     RunConfig,
     TrainState,
     check_resumable,
+    load_universal,
     rank_file,
 )
 from mimae_scale.engine.distributed import DistEnv, init_process_group, pick_device
@@ -145,8 +146,11 @@ class Trainer:
         wrapped = cfg.engine.zero_stage > 0 or self.precision == "bf16"
         optimizer = build_optimizer(model, cfg, wrapped_by_deepspeed=wrapped, device=self.device)
         self.ds_config = build_ds_config(cfg, env.world_size, self.device)
-        # Another number of ranks than the checkpoint's: load it through DeepSpeed's universal format
-        self.relayout = newest is not None and newest.world_size != env.world_size
+        # Another number of ranks or ZeRO stage than the checkpoint's: load it through DeepSpeed's
+        # universal format
+        self.relayout = newest is not None and (newest.world_size, newest.zero_stage) != (env.world_size,
+                                                                                          cfg.engine.zero_stage)
+        self.regroup = newest is not None and newest.world_size != env.world_size  # data positions regrouped
         if self.relayout:
             self.ds_config["checkpoint"] = {"load_universal": True}
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
@@ -176,16 +180,19 @@ class Trainer:
         """Load ``chosen`` into the engine and the TrainState (raises when it cannot)."""
         tag_dir = self.ckpt.root / chosen.tag
         if self.relayout:  # DeepSpeed's own loader re-partitions the universal copy for this layout
-            path, client = self.engine.load_checkpoint(str(self.ckpt.universal(chosen)), tag=".")
+            path, client = load_universal(self.engine, self.ckpt.universal(chosen))
         else:
             path, client = self.engine.load_checkpoint(str(self.ckpt.root), tag=chosen.tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
         mine_file = tag_dir / rank_file(self.env.rank)  # absent for ranks the checkpoint did not have
         mine = torch.load(mine_file, map_location="cpu", weights_only=True) if mine_file.exists() else None
-        self.state.load(client, mine, tag_dir, skip=("loader",) if self.relayout else ())
-        if self.relayout:
+        self.state.load(client, mine, tag_dir, skip=("loader",) if self.regroup else ())
+        if self.regroup:
             self._continue_epoch(chosen, tag_dir)
+        elif self.relayout:
+            log.warning("ZeRO stage changed (%d -> %d): weights and optimiser state re-partitioned through the "
+                        "universal checkpoint", chosen.zero_stage, self.cfg.engine.zero_stage)
         log.info("resumed from %s: step %d, epoch %d, %d images seen", tag_dir, self.step,
                  self.step // self.steps_per_epoch, self.step * self.cfg.train.global_batch)
 
