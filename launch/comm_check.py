@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes-only", action="store_true", help="print the shipped configs' parameter counts")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_args(argv)
+    from mimae_scale.exit_codes import EXIT_ERROR, EXIT_OK
 
     print("| config | encoder | decoder (+ mask token) | MI heads | total |")
     print("|---|---:|---:|---:|---:|")
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         parts = parameter_counts(name, tuple(args.overrides) if name == args.config else ())
         print(f"| {name} | {parts['encoder']:,} | {parts['decoder']:,} | {parts['mi_heads']:,} | {parts['total']:,} |")
     if args.sizes_only:
-        return 0
+        return EXIT_OK
 
     numels = parameter_numels(args.config, tuple(args.overrides))
     params = sum(numels)
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {stage} | {op} | {calls:g} | {logged:,.0f} | {want:,} | {ratio:.4f} | "
                   f"{scalar_calls:g} ({scalar_bytes:g}) |")
     print(f"\n{'all collectives within 1% of the prediction' if ok else 'MISMATCH against the prediction'}")
-    return 0 if ok else 1
+    return EXIT_OK if ok else EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from slurm_cluster import SlurmCluster, SlurmError
 from mimae_scale.config import ConfigError, grad_accumulation, load_config
 from mimae_scale.engine.distributed import free_port
 from mimae_scale.engine.ds_config import build_ds_config
+from mimae_scale.exit_codes import EXIT_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -35,7 +36,6 @@ LAUNCHERS = {  # script -> (config, default micro-batch cap, run directory name)
     "vit_b_400ep.sh": ("mimae_vit_b16", 64, "mimae_vit_b16_400ep"),
     "mae_vit_b_1600ep.sh": ("mae_vit_b16", 256, "mae_vit_b16_1600ep"),
 }
-EXIT_CONFIG = 2
 WRITE_TARGETS = LAUNCH / "monitoring" / "write_targets.sh"  # the monitoring piece's; optional for the launcher
 
 

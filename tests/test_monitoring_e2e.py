@@ -31,6 +31,7 @@ from prometheus_tools import (
 from test_monitoring_config import METRIC_SELECTOR, dashboard_queries, is_dcgm
 
 from mimae_scale.engine.distributed import free_port
+from mimae_scale.exit_codes import EXIT_REQUEUE
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +39,6 @@ RANKS = 2
 RATE_WINDOW = "8s"  # stands in for Grafana's $__rate_interval: 8 scrapes at the test's 1 s interval
 LOSS_TERMS = {"total", "rec", "max", "min", "q"}
 CLUB_STATS = {"q_gain", "logvar_mean", "logvar_saturated"}
-EXIT_REQUEUE = 75
 
 
 def cuda_only(expr: str) -> bool:

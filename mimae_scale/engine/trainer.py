@@ -41,6 +41,7 @@ from mimae_scale.engine.optim import LRSchedule, build_optimizer, peak_lr
 from mimae_scale.engine.reporting import ConsoleSink, JsonlSink, MetricsSink, StepTiming
 from mimae_scale.engine.signals import StopRequest
 from mimae_scale.evaluation.online import knn_due, online_knn
+from mimae_scale.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
 from mimae_scale.metrics import LOSS_TERMS, TrainingMetrics
 from mimae_scale.model import build_model
 from mimae_scale.model.club import ClubCritic, min_weight
@@ -48,13 +49,6 @@ from mimae_scale.model.compile import compile_blocks
 from mimae_scale.precision import autocast, input_dtype, resolve_precision
 
 log = logging.getLogger("mimae_scale.engine")
-
-# Exit status of train.py (README "Training"): a launcher requeues on EXIT_REQUEUE.
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_CONFIG = 2
-EXIT_NONFINITE = 3
-EXIT_REQUEUE = 75  # EX_TEMPFAIL
 
 
 @dataclass

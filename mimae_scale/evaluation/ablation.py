@@ -47,6 +47,7 @@ from mimae_scale.config import Config, load_config
 from mimae_scale.engine.optim import LRSchedule, build_optimizer
 from mimae_scale.evaluation.knn import knn_evaluate
 from mimae_scale.evaluation.linear_probe import train_linear_probe
+from mimae_scale.exit_codes import EXIT_OK
 from mimae_scale.model import MIMAE, build_model
 from mimae_scale.model.club import ClubCritic, blind_gaussian_nll, min_weight
 from mimae_scale.ops import REFERENCE
@@ -417,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     picture(table, args.out / "ablation.png")
     print(md)
     print(f"mimae-ablate: {args.out / 'results.json'}, {args.out / 'table.md'}, {args.out / 'ablation.png'}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

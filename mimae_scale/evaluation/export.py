@@ -23,6 +23,7 @@ import torch
 
 from mimae_scale.config import Config
 from mimae_scale.evaluation.checkpoint import CheckpointError, load_checkpoint
+from mimae_scale.exit_codes import EXIT_CONFIG, EXIT_OK
 
 ENCODER_PARAMS = ("cls_token", "pos_embed")
 ENCODER_MODULES = ("patch_embed.", "blocks.", "norm.")
@@ -122,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = export(args.checkpoint, args.out, args.format, args.config)
     except (CheckpointError, ValueError) as exc:
         print(f"mimae-export: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     print(json.dumps(summary, indent=2))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

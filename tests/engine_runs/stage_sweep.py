@@ -10,7 +10,8 @@ from pathlib import Path
 from mimae_scale.config import load_config
 from mimae_scale.engine.distributed import detect_env
 from mimae_scale.engine.signals import StopRequest
-from mimae_scale.engine.trainer import EXIT_OK, Trainer
+from mimae_scale.engine.trainer import Trainer
+from mimae_scale.exit_codes import EXIT_OK
 
 
 def main() -> int:
