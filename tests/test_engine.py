@@ -186,7 +186,7 @@ def test_completion_protocol_latest_and_pruning(tmp_path, world_of_one):
     for name, entry in info["files"].items():  # sizes and sha256 sums recomputed independently
         data = (root / "step_000000020" / name).read_bytes()
         assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    assert not list(root.rglob("*.tmp"))
+    assert not list(root.rglob(".*.tmp-*"))
     client = torch.load(root / "step_000000020" / "mp_rank_00_model_states.pt", weights_only=True)
     assert client["counter"] == {"value": 20} and client["format"] == ckpt.FORMAT
     mine = torch.load(root / "step_000000020" / ckpt.rank_file(0), weights_only=True)
