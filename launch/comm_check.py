@@ -96,7 +96,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
     import deepspeed
     import deepspeed.comm as ds_comm
 
-    from mimae_scale.config import load_config
+    from mimae_scale.config import grad_accumulation, load_config
     from mimae_scale.engine.ds_config import build_ds_config
     from mimae_scale.engine.optim import build_optimizer
     from mimae_scale.model import build_model
@@ -110,7 +110,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
                                         f"train.global_batch={micro * world}"])
         torch.manual_seed(0)
         model = build_model(cfg)
-        ds_config = build_ds_config(cfg, world, torch.device("cpu"))
+        ds_config = build_ds_config(cfg, grad_accumulation(cfg, world), "fp32")  # gloo on CPUs: fp32
         ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = PERSISTENCE
         ds_config["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True, "debug": False}
         optimizer = build_optimizer(model, cfg, wrapped_by_deepspeed=stage > 0, device=torch.device("cpu"))

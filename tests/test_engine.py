@@ -12,13 +12,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mimae_scale.config import ConfigError, load_config
+from mimae_scale.config import grad_accumulation, load_config
 from mimae_scale.engine import checkpoint as ckpt
 from mimae_scale.engine.distributed import DistEnv, detect_env, export_rendezvous
 from mimae_scale.engine.ds_config import build_ds_config
 from mimae_scale.engine.optim import LRSchedule, NonFiniteSkippingAdamW, param_groups, peak_lr
 from mimae_scale.engine.trainer import mask_seed
 from mimae_scale.model import build_model
+from mimae_scale.precision import resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -52,17 +53,15 @@ def test_slurm_rendezvous_needs_master_address():
 
 def test_ds_config_batches_precision_and_clipping():
     cfg = load_config("tiny", ["train.global_batch=256", "train.micro_batch=32", "engine.zero_stage=2"])
-    ds = build_ds_config(cfg, world_size=2, device=CPU)
+    ds = build_ds_config(cfg, grad_accumulation(cfg, world_size=2), resolve_precision(cfg, CPU))
     assert ds["train_batch_size"] == 256 and ds["train_micro_batch_size_per_gpu"] == 32
     assert ds["gradient_accumulation_steps"] == 4  # 256 = 32 x 2 ranks x 4
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["bf16"]["enabled"] is False  # auto on a CPU: fp32
     assert ds["gradient_clipping"] == 0.0  # DeepSpeed's own default would clip at 1.0
     cfg = load_config("tiny", ["optim.clip_grad=3.0", "engine.precision=bf16"])
-    ds = build_ds_config(cfg, world_size=1, device=CPU)
+    ds = build_ds_config(cfg, grad_accumulation(cfg, world_size=1), resolve_precision(cfg, CPU))
     assert ds["gradient_clipping"] == 3.0 and ds["bf16"]["enabled"] is True
-    with pytest.raises(ConfigError, match="train.global_batch"):
-        build_ds_config(load_config("tiny", ["train.global_batch=96", "train.micro_batch=32"]), 2, CPU)
 
 
 # -- optimiser -------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from mimae_scale import kernels
 from mimae_scale.config import load_config
 from mimae_scale.model import build_model
 from mimae_scale.model.club import ClubCritic
+from mimae_scale.precision import deepspeed_bf16, input_dtype
 
 KERNELS = ("gather_visible", "unshuffle_with_mask_tokens", "norm_pix_mse", "info_nce", "club_upper_bound",
            "gaussian_nll")
@@ -53,11 +54,11 @@ def main() -> None:
         "gradient_accumulation_steps": 1,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},  # no JIT-built op
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "bf16": {"enabled": precision == "bf16"},
+        "bf16": {"enabled": deepspeed_bf16(precision)},
         "steps_per_print": 1000,
     }
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = input_dtype(precision)
     imgs = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(100 + rank)).to(dtype)
 
     with torch.no_grad():

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mimae_scale.config import METHOD_SECTIONS, Config
+from mimae_scale.config import Config, method_sections
 from mimae_scale.engine import faults
 from mimae_scale.fileio import atomic_path, write_text_atomic
 
@@ -190,7 +190,7 @@ class RunConfig:
         return self.cfg.to_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        diffs = _diff({k: state.get(k) for k in METHOD_SECTIONS}, self.cfg.method())
+        diffs = _diff(method_sections(state), self.cfg.method())
         if diffs:
             raise CheckpointMismatch("the checkpoint was written with another model/method configuration: "
                                      + "; ".join(diffs))

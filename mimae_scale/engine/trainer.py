@@ -46,7 +46,7 @@ from mimae_scale.metrics import LOSS_TERMS, TrainingMetrics
 from mimae_scale.model import build_model
 from mimae_scale.model.club import ClubCritic, min_weight
 from mimae_scale.model.compile import compile_blocks
-from mimae_scale.precision import autocast, input_dtype, resolve_precision
+from mimae_scale.precision import autocast, deepspeed_bf16, input_dtype, resolve_precision
 
 log = logging.getLogger("mimae_scale.engine")
 
@@ -136,9 +136,9 @@ class Trainer:
         # CLUB's q: outside the engine, with its own optimiser (mimae_scale.model.club)
         self.critic = ClubCritic(cfg, self.device) if cfg.loss.w_min > 0 else None
         # DeepSpeed checks non-finite gradients itself whenever it wraps the optimiser (ZeRO 1-3, bf16)
-        wrapped = cfg.engine.zero_stage > 0 or self.precision == "bf16"
+        wrapped = cfg.engine.zero_stage > 0 or deepspeed_bf16(self.precision)
         optimizer = build_optimizer(model, cfg, wrapped_by_deepspeed=wrapped, device=self.device)
-        self.ds_config = build_ds_config(cfg, env.world_size, self.device)
+        self.ds_config = build_ds_config(cfg, self.accumulation, self.precision)
         # Another number of ranks than the checkpoint's: load it through DeepSpeed's universal format
         self.relayout = newest is not None and newest.world_size != env.world_size
         if self.relayout:
