@@ -35,8 +35,9 @@ def _meta_model(config: str, overrides: tuple[str, ...]) -> torch.nn.Module:
     from mimae_scale.config import load_config
     from mimae_scale.model import build_model
 
+    cfg = load_config(config, overrides)
     with torch.device("meta"):
-        return build_model(load_config(config, overrides))
+        return build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
 
 
 def parameter_numels(config: str, overrides: tuple[str, ...] = ()) -> list[int]:
@@ -109,7 +110,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
         cfg = load_config(args.config, [*args.overrides, f"engine.zero_stage={stage}",
                                         f"train.global_batch={micro * world}"])
         torch.manual_seed(0)
-        model = build_model(cfg)
+        model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
         ds_config = build_ds_config(cfg, grad_accumulation(cfg, world), "fp32")  # gloo on CPUs: fp32
         ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = PERSISTENCE
         ds_config["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True, "debug": False}

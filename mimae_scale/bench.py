@@ -205,8 +205,10 @@ def cmd_checkpoint(args) -> int:
     from mimae_scale.engine.checkpoint import describe, problems_in
     from mimae_scale.model import build_model
 
+    cfg = load_config(args.config)
     with torch.device("meta"):  # parameter count only, no memory
-        params = sum(p.numel() for p in build_model(load_config(args.config)).parameters())
+        model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
+        params = sum(p.numel() for p in model.parameters())
     sizes = {"mp_rank_00_model_states.pt": 2 * params}
     sizes |= {f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt": 12 * params // args.ranks for r in range(args.ranks)}
     tag = Path(tempfile.mkdtemp(dir=args.dir))

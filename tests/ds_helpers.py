@@ -31,12 +31,12 @@ def single_process_group():
 
 
 def train_and_save(run_dir: Path, config: str, stage: int, seed: int, overrides: tuple[str, ...] = ()) -> dict:
-    """One SGD step of ``build_model(cfg)`` under a DeepSpeed engine with ZeRO ``stage``, saved by
+    """One SGD step of the config's model under a DeepSpeed engine with ZeRO ``stage``, saved by
     ``engine.save_checkpoint`` (config in the client state, as the trainer does). Returns the
     weights before and after the step (gathered under ZeRO-3), the config and the tag folder."""
     cfg = load_config(config, [f"run_dir={run_dir}", f"engine.zero_stage={stage}", *overrides])
     torch.manual_seed(seed)
-    model = build_model(cfg)
+    model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,

@@ -26,6 +26,11 @@ def tiny(*overrides):
     return load_config("tiny", list(overrides))
 
 
+def tiny_model(*overrides):
+    cfg = tiny(*overrides)
+    return build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
+
+
 # --------------------------------------------------------------------------------------------
 # padding rows
 
@@ -79,7 +84,7 @@ def test_valid_permutation_pairs_valid_rows_with_valid_rows(gen):
 def test_padding_images_change_no_loss_term(gen):
     """Whatever a padding image holds, every loss term (and q's fit) is the same."""
     cfg = tiny()
-    model, critic = build_model(cfg), ClubCritic(cfg)
+    model, critic = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled), ClubCritic(cfg)
     imgs = torch.randn(6, 3, 32, 32, generator=gen)
     valid = torch.tensor([True, True, False, True, False, True])
     other = imgs.clone()
@@ -145,7 +150,7 @@ def test_global_info_nce_two_ranks_equals_one_rank_with_twice_the_rows(gen):
 
 def test_mae4_loss_is_the_mean_of_four_single_mask_maes(gen):
     """K 4 without MI terms: the loss is the mean of four MAE losses, each on one of the same masks."""
-    model = build_model(tiny("loss.w_max=0", "loss.w_min=0"))
+    model = tiny_model("loss.w_max=0", "loss.w_min=0")
     imgs = torch.randn(3, 3, 32, 32, generator=gen)
     out = model(imgs, generator=torch.Generator().manual_seed(5))
     ids_keep, ids_restore, mask = masking.make_masks(3, model.num_patches, 4, 0.75, "orthogonal",
@@ -225,7 +230,7 @@ def test_reduction_and_target(gen):
     imgs = torch.randn(2, 3, 32, 32, generator=gen)
     pairs = {}
     for target in ("norm", "raw"):
-        model = build_model(tiny(f"mi.club.target={target}"))
+        model = tiny_model(f"mi.club.target={target}")
         ids_keep, _, _ = masking.make_masks(2, 64, 4, 0.75, generator=torch.Generator().manual_seed(0))
         latent = model.encode(imgs, ids_keep)
         pairs[target] = model._club_pairs(imgs, latent, model.patchify(imgs), ids_keep, torch.ones(8, dtype=bool))[1]
@@ -256,7 +261,7 @@ def test_club_bound_holds_while_the_encoder_minimises_it():
     q keeps beating a z-blind Gaussian (club_q_gain > 0) and the CLUB estimate does not go negative."""
     torch.manual_seed(0)
     cfg = tiny("mask.num_masks=1", "loss.w_max=0", "loss.w_min=38.4")
-    model, critic = build_model(cfg), ClubCritic(cfg)
+    model, critic = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled), ClubCritic(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(1)
     base = torch.randn(64, 3, 8, 8, generator=gen)
@@ -277,7 +282,7 @@ def test_club_bound_holds_while_the_encoder_minimises_it():
 def test_a_batch_of_padding_only_adds_nothing(gen):
     """A rank whose last batch is all padding: every term is 0 and finite, no gradient, q unchanged."""
     cfg = tiny()
-    model, critic = build_model(cfg), ClubCritic(cfg)
+    model, critic = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled), ClubCritic(cfg)
     before = [p.detach().clone() for p in critic.params]
     out = model(torch.randn(2, 3, 32, 32, generator=gen), generator=gen, valid=torch.zeros(2, dtype=torch.bool),
                 critic=critic)

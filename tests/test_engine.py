@@ -68,7 +68,8 @@ def test_ds_config_batches_precision_and_clipping():
 
 
 def test_param_groups_exclude_biases_norms_and_tokens():
-    model = build_model(load_config("tiny"))
+    cfg = load_config("tiny")
+    model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss)
     decay, no_decay = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}

@@ -70,7 +70,8 @@ def test_vit_b16_export_loads_strictly_into_timm_and_matches(checkpoints, stage,
     vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
     vit.load_state_dict(state, strict=True)
     vit.eval()
-    ours = MIMAE(c["cfg"])
+    cfg = c["cfg"]
+    ours = MIMAE(cfg.model, cfg.mask, cfg.mi, cfg.loss)
     ours.load_state_dict(c["trained"], strict=True)  # the engine's own weights, not the export's
     ours.eval()
     x = torch.randn(2, 3, 224, 224, generator=gen)
@@ -172,8 +173,8 @@ def test_online_knn_reads_a_zero3_engine(process_group, gen, seed):
 
     cfg = load_config("tiny", ["engine.zero_stage=3", "data.val_shards=/unused", "eval.knn_every_epochs=1"])
     torch.manual_seed(seed)
-    model = build_model(cfg)
-    plain = MIMAE(cfg)
+    model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
+    plain = MIMAE(cfg.model, cfg.mask, cfg.mi, cfg.loss)
     plain.load_state_dict(model.state_dict())
     ds_config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
                  "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}

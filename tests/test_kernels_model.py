@@ -76,8 +76,8 @@ def _models(seed):
     with torch.random.fork_rng():  # weights from the test's seed too, so a printed seed replays
         torch.manual_seed(seed)
         cfg = load_config("tiny", ["kernels.enabled=on"])
-        on, critic = build_model(cfg), ClubCritic(cfg)
-    off = build_model(load_config("tiny", ["kernels.enabled=off"]))
+        on, critic = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled), ClubCritic(cfg)
+    off = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels="off")
     off.load_state_dict(on.state_dict())
     return on, off, critic, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 

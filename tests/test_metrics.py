@@ -57,7 +57,7 @@ def test_flops_match_torch_flop_counter(overrides, gen):
     """torch's FlopCounterMode on the real model's forward + backward, with the convention's known
     over-counts added back: every term of the analytic count is checked, to the FLOP."""
     cfg = load_config("tiny", overrides)
-    model = build_model(cfg)
+    model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = False  # explicit matmuls: FlopCounterMode does not count CPU SDPA

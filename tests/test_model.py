@@ -12,8 +12,13 @@ def tiny(*overrides):
     return load_config("tiny", list(overrides))
 
 
+def tiny_model(*overrides):
+    cfg = tiny(*overrides)
+    return build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
+
+
 def test_patchify_roundtrip(gen):
-    model = build_model(tiny())
+    model = tiny_model()
     imgs = torch.randn(2, 3, 32, 32, generator=gen)
     patches = model.patchify(imgs)
     assert patches.shape == (2, 64, 48)
@@ -34,7 +39,7 @@ def test_sincos_matches_mae_formula():
 
 def test_tiny_forward_backward(gen):
     cfg = tiny()
-    model, critic = build_model(cfg), ClubCritic(cfg)
+    model, critic = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled), ClubCritic(cfg)
     imgs = torch.randn(4, 3, 32, 32, generator=gen)
     out = model(imgs, generator=gen, critic=critic)
     assert set(out.terms) == {"rec", "max", "min", "q", *CLUB_HEALTH}
@@ -59,7 +64,7 @@ def _grad_names(model, loss):
 def test_club_gradient_isolation(gen, level):
     """q's updates happen inside forward and touch no model parameter; L_min moves the encoder only."""
     cfg = tiny(f"mi.club.level={level}")
-    model, critic = build_model(cfg), ClubCritic(cfg)
+    model, critic = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled), ClubCritic(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     q_before = [p.detach().clone() for p in critic.params]
     out = model(torch.randn(4, 3, 32, 32, generator=gen), generator=gen, critic=critic)
@@ -76,7 +81,7 @@ def test_club_gradient_isolation(gen, level):
 def test_mae_special_case_equals_mae(seed):
     """K 1 and zero MI weights: the loss is exactly MAE's, computed here as the MAE repo does."""
     cfg = tiny("mask.num_masks=1", "loss.w_max=0", "loss.w_min=0")
-    model = build_model(cfg).eval()
+    model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled).eval()
     assert model.projector is None
     imgs = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
     ours = model(imgs, generator=torch.Generator().manual_seed(seed))
@@ -120,14 +125,15 @@ def test_mae_special_case_equals_mae(seed):
 
 
 def test_mae4_control_has_no_mi_heads(gen):
-    model = build_model(load_config("mae4_vit_b16", ["model.depth=1", "model.decoder_depth=1"]))
+    cfg = load_config("mae4_vit_b16", ["model.depth=1", "model.decoder_depth=1"])
+    model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss)
     assert model.projector is None
     out = model(torch.randn(2, 3, 224, 224, generator=gen), generator=gen)
     assert set(out.terms) == {"rec"} and out.pred.shape[0] == 8
 
 
 def test_mae_initialisation():
-    model = build_model(tiny())
+    model = tiny_model()
     w = model.patch_embed.proj.weight
     fan_in, fan_out = w[0].numel(), w.shape[0]
     bound = (6 / (fan_in + fan_out)) ** 0.5  # xavier-uniform of the patch embedding as a Linear
@@ -145,7 +151,7 @@ def test_encoder_sizes_match_timm(name):
 
     cfg = load_config(name)
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
         reference = timm.create_model(
             {"mimae_vit_b16": "vit_base_patch16_224", "mimae_vit_l16": "vit_large_patch16_224",
              "mimae_vit_h14": "vit_huge_patch14_224"}[name], num_classes=0)
@@ -159,12 +165,12 @@ def test_encoder_sizes_match_timm(name):
 
 
 def test_sdpa_attention_in_blocks():
-    model = build_model(tiny())
+    model = tiny_model()
     assert all(block.attn.fused_attn for block in model.blocks)
 
 
 def test_forward_features_shape(gen):
-    model = build_model(tiny())
+    model = tiny_model()
     feats = model.forward_features(torch.randn(2, 3, 32, 32, generator=gen))
     assert feats.shape == (2, 65, 64)
     assert torch.allclose(feats.mean(-1), torch.zeros(2, 65), atol=1e-5)  # after LayerNorm

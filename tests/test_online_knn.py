@@ -31,7 +31,7 @@ def _cfg():
 def test_known_answers(gen, seed):
     cfg = _cfg()
     torch.manual_seed(seed)
-    model = build_model(cfg)
+    model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
     labels = torch.randint(0, 5, (160,), generator=gen)
     result = online_knn(model, cfg, batches=_colour_batches(gen, labels))
     assert result["knn_top1"] == 1.0 and result["knn_samples"] == 160
@@ -46,7 +46,7 @@ def test_known_answers(gen, seed):
 def test_equals_offline_leave_one_out(gen, seed):
     cfg = _cfg()
     torch.manual_seed(seed)
-    model = build_model(cfg)
+    model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
     labels = torch.randint(0, 10, (96,), generator=gen)
     batches = [{"images": torch.randn(16, 3, 32, 32, generator=gen), "labels": labels[i:i + 16]}
                for i in range(0, 96, 16)]
@@ -67,7 +67,7 @@ def test_schedule_and_config():
 def _model_and_data(cfg, seed: int):
     """The same model and 100 labelled images in every process that asks with the same seed."""
     torch.manual_seed(seed)
-    model = build_model(cfg)
+    model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
     gen = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 10, (100,), generator=gen)
     return model, torch.randn(100, 3, 32, 32, generator=gen), labels

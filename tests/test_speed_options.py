@@ -76,8 +76,8 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
     cfg = load_config("tiny", ["model.depth=1", "model.decoder_depth=1", "model.embed_dim=16", "model.num_heads=2",
                                "model.decoder_embed_dim=16", "model.decoder_num_heads=2"])
     torch.manual_seed(0)
-    eager = build_model(cfg)
-    compiled = build_model(cfg)
+    eager = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
+    compiled = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
     compiled.load_state_dict(eager.state_dict())
     assert compile_blocks(compiled) == 2
     images = torch.randn(2, 3, cfg.model.img_size, cfg.model.img_size, generator=torch.Generator().manual_seed(1))
@@ -98,11 +98,11 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
 def test_fused_adamw_on_cuda_and_its_update_equals_the_loop():
     cfg = load_config("tiny")
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
     assert build_optimizer(model, cfg, wrapped_by_deepspeed=True, device=torch.device("cuda")).defaults["fused"]
     plain_opt = build_optimizer(model, cfg, wrapped_by_deepspeed=True, device=CPU)
     assert not plain_opt.defaults["fused"]
-    twin = build_model(cfg)
+    twin = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
     twin.load_state_dict(model.state_dict())
     fused_opt = build_optimizer(twin, cfg, wrapped_by_deepspeed=True, device=torch.device("cuda"))  # fused on CPU too
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))

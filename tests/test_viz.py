@@ -34,7 +34,7 @@ def _cells(panel: np.ndarray, grid: int) -> np.ndarray:
 def test_picture_size_content_and_masks(tmp_path, gen, seed):
     cfg = load_config("tiny")  # K = 4 orthogonal masks of 16 of the 64 patches: they partition the grid
     torch.manual_seed(seed)
-    model = build_model(cfg)
+    model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
     images = torch.randn(3, 3, 32, 32, generator=gen)
     panels = reconstruction_panels(model, images, cfg.data.mean, cfg.data.std, gen)
     out = tmp_path / "recon.png"

@@ -45,7 +45,7 @@ def main() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.manual_seed(0)  # identical initial weights on every rank
     cfg = load_config("tiny", ["kernels.enabled=on"])
-    model, critic = build_model(cfg), ClubCritic(cfg)
+    model, critic = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled), ClubCritic(cfg)
     calls: Counter = Counter()
     count_calls(calls)
     deepspeed.init_distributed(dist_backend="gloo")

@@ -130,7 +130,7 @@ class Trainer:
         self.sinks.append(self.metrics)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = build_model(cfg)
+        model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
         if cfg.engine.compile:
             compile_blocks(model)
         # CLUB's q: outside the engine, with its own optimiser (mimae_scale.model.club)

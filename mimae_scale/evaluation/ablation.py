@@ -141,7 +141,7 @@ def train(cfg: Config, images: torch.Tensor, seed: int,
           train_epochs: int | None = None) -> tuple[MIMAE, list[dict[str, float]]]:
     """``train_epochs`` (default train.epochs): 0 gives the initialised model, trained on nothing."""
     torch.manual_seed(seed)
-    model = build_model(cfg)
+    model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
     critic = ClubCritic(cfg) if cfg.loss.w_min > 0 else None
     optimizer = build_optimizer(model, cfg, wrapped_by_deepspeed=True, device=torch.device("cpu"))
     batch = cfg.train.global_batch

@@ -48,7 +48,7 @@ def _device(name: str) -> torch.device:
 
 def random_init_model(cfg: Config, seed: int) -> MIMAE:
     torch.manual_seed(seed)
-    return build_model(cfg).eval()
+    return build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled).eval()
 
 
 def _features(model: MIMAE, cfg: Config, args: argparse.Namespace, device: torch.device, name: str) -> dict:
