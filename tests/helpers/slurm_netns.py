@@ -25,7 +25,7 @@ import random
 import subprocess
 from pathlib import Path
 
-from slurm_cluster import SlurmCluster, SlurmError, _node_hardware
+from tests.helpers.slurm_cluster import SlurmCluster, SlurmError, _node_hardware
 
 HEAD = "mimhead"  # the controller's (and the host side's) name on the private subnet
 

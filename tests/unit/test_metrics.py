@@ -12,15 +12,15 @@ import urllib.error
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_tools import free_port_block, http_get, promtool_check_metrics, require_prometheus
 from torch.utils.flop_counter import FlopCounterMode
 
 from mimae_scale.config import ConfigError, load_config
-from mimae_scale.engine.reporting import StepTiming
 from mimae_scale.flops import default_peak_tflops, tokens_per_image, train_flops_per_image
 from mimae_scale.metrics import CLUB_HEALTH, STEP_BUCKETS, TrainingMetrics, job_name
 from mimae_scale.model import build_model
 from mimae_scale.model.club import ClubCritic
+from tests.helpers.metrics_inputs import log_record, timing, tiny_metrics_config
+from tests.helpers.prometheus_tools import free_port_block, http_get
 
 # -- FLOP counter -------------------------------------------------------------------------------
 
@@ -95,27 +95,6 @@ def test_default_peaks():
 # -- exporter -----------------------------------------------------------------------------------
 
 
-def _tiny(port_base: int, *extra: str):
-    return load_config("tiny", [f"metrics.port_base={port_base}", "metrics.job=unit", *extra])
-
-
-def timing(images: int, step_s: float, data_wait_s: float, applied: bool = True,
-           loss_finite: bool = True) -> StepTiming:
-    return StepTiming(step=1, images=images, step_s=step_s, data_wait_s=data_wait_s, applied=applied,
-                      skipped_steps=0, loss_finite=loss_finite)
-
-
-def log_record(rng: random.Random, **fields) -> dict:
-    """A metrics.jsonl record as the trainer writes it."""
-    record = {"step": 1, "epoch": 0.0, "samples": 64, "lr": rng.uniform(1e-5, 1e-3), "loss": rng.random(),
-              "loss_rec": rng.random(), "loss_max": rng.random(), "loss_min": -rng.random(), "loss_q": rng.random(),
-              "club_q_gain": rng.uniform(-1, 1), "club_logvar_mean": rng.uniform(-1, 1),
-              "club_logvar_saturated": rng.random(),
-              "grad_norm": rng.uniform(0.1, 5), "images_per_s": 1.0, "step_s": 0.1, "data_wait_s": 0.0,
-              "skipped_steps": 0, "skipped_samples": 0}
-    return {**record, **fields}
-
-
 def _families(text: str) -> dict[str, list]:
     families: dict[str, list] = {}
     for family in text_string_to_metric_families(text):
@@ -130,11 +109,10 @@ def _one(families: dict[str, list], name: str, **labels: str) -> float:
     return matches[0].value
 
 
-def test_exporter_values_labels_and_promtool(seed):
-    require_prometheus()
+def test_exporter_values_and_labels(seed):
     rng = random.Random(seed)
     base = free_port_block(2)
-    cfg = _tiny(base, "metrics.peak_tflops=0.5", "metrics.ceiling_tflops=0.4")
+    cfg = tiny_metrics_config(base, "metrics.peak_tflops=0.5", "metrics.ceiling_tflops=0.4")
     metrics = TrainingMetrics(cfg, rank=3, local_rank=1, world_size=2, node="nodeA")
     assert metrics.start(total_steps=40)
     try:
@@ -152,9 +130,6 @@ def test_exporter_values_labels_and_promtool(seed):
         text = http_get(f"http://127.0.0.1:{base + 1}/metrics")  # port_base + local rank
     finally:
         metrics.close()
-
-    checked = promtool_check_metrics(text)
-    assert checked.returncode == 0 and not checked.stdout.strip() and not checked.stderr.strip(), checked
 
     fam = _families(text)
     labels = {"job": "unit", "rank": "3", "node": "nodeA"}
@@ -205,20 +180,10 @@ def test_exporter_values_labels_and_promtool(seed):
         assert "mimae_gpu_memory_allocated_bytes" not in fam  # declared, but no series on a CPU run
 
 
-def test_promtool_flags_a_bad_exposition():
-    """The promtool check above can fail: a counter without `_total` and a non-base unit are reported."""
-    require_prometheus()
-    bad = "# HELP steps_count Steps.\n# TYPE steps_count counter\nsteps_count 3\n"
-    bad += "# HELP step_milliseconds Step time.\n# TYPE step_milliseconds gauge\nstep_milliseconds 3\n"
-    checked = promtool_check_metrics(bad)
-    assert "_total" in checked.stdout + checked.stderr
-    assert "base unit" in checked.stdout + checked.stderr
-
-
 def test_no_mfu_without_a_peak_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU's default peak applies here")
-    metrics = TrainingMetrics(_tiny(free_port_block(1)), rank=0, local_rank=0, world_size=1)
+    metrics = TrainingMetrics(tiny_metrics_config(free_port_block(1)), rank=0, local_rank=0, world_size=1)
     metrics.on_step(timing(32, 0.1, 0.0))
     metrics.on_log(log_record(random.Random(0)))
     names = {s.name for m in metrics.registry.collect() for s in m.samples}
@@ -229,7 +194,7 @@ def test_no_mfu_without_a_peak_on_cpu():
 
 def test_tensors_are_refused_and_counts_only_grow(caplog):
     """A tensor would make an update a hidden device sync: refused. A count that shrinks is logged."""
-    metrics = TrainingMetrics(_tiny(free_port_block(1)), rank=0, local_rank=0, world_size=1)
+    metrics = TrainingMetrics(tiny_metrics_config(free_port_block(1)), rank=0, local_rank=0, world_size=1)
     with pytest.raises(TypeError, match="step_s"):
         metrics.on_step(timing(32, torch.tensor(0.1), 0.0))
     rng = random.Random(0)
@@ -244,7 +209,7 @@ def test_tensors_are_refused_and_counts_only_grow(caplog):
 
 def test_two_ranks_in_one_process_and_port_in_use(caplog):
     base = free_port_block(2)
-    cfg = _tiny(base)
+    cfg = tiny_metrics_config(base)
     ranks = [TrainingMetrics(cfg, rank=r, local_rank=r, world_size=2, node="n") for r in (0, 1)]
     try:
         for r in ranks:
@@ -270,7 +235,7 @@ def test_two_ranks_in_one_process_and_port_in_use(caplog):
 
 def test_disabled_serves_nothing():
     base = free_port_block(1)
-    metrics = TrainingMetrics(_tiny(base, "metrics.enabled=false"), rank=0, local_rank=0, world_size=1)
+    metrics = TrainingMetrics(tiny_metrics_config(base, "metrics.enabled=false"), rank=0, local_rank=0, world_size=1)
     assert metrics.start(total_steps=1) is False
     metrics.on_step(timing(32, 0.1, 0.0))
     with socket.socket() as probe:
@@ -295,7 +260,7 @@ def test_metric_updates_cost_under_one_percent_of_the_tiny_step():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = run(_tiny(free_port_block(1)), steps=3, updates=2000)
+        result = run(tiny_metrics_config(free_port_block(1)), steps=3, updates=2000)
     finally:
         torch.set_num_threads(threads)
     print(f"step {result.step_s * 1e3:.1f} ms, updates {result.update_s * 1e6:.1f} us, {result.ratio:.5%}")

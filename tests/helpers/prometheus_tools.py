@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from mimae_scale.engine.distributed import free_port
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 MONITORING = REPO / "launch" / "monitoring"
 
 

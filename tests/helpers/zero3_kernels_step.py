@@ -1,6 +1,6 @@
 """Training steps of the tiny MI-MAE with kernels.enabled=on inside a DeepSpeed ZeRO-3 engine (CPU).
 
-Run by tests/test_kernels_model.py as WORLD_SIZE processes (env: RANK, WORLD_SIZE, MASTER_ADDR,
+Run by tests/integration/test_kernels_zero3.py as WORLD_SIZE processes (env: RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT, TRITON_INTERPRET=1). Every parameter is partitioned (persistence threshold 0), so the
 mask token and the MI heads' weights exist only while ZeRO-3 has gathered them for a module's
 forward. Rank 0 prints one JSON line: losses with kernels off and on at the same parameters and
@@ -22,10 +22,10 @@ from mimae_scale import kernels
 from mimae_scale.config import load_config
 from mimae_scale.model import build_model
 from mimae_scale.model.club import ClubCritic
+from mimae_scale.ops import REFERENCE
 from mimae_scale.precision import deepspeed_bf16, input_dtype
 
-KERNELS = ("gather_visible", "unshuffle_with_mask_tokens", "norm_pix_mse", "info_nce", "club_upper_bound",
-           "gaussian_nll")
+KERNELS = tuple(vars(REFERENCE))  # the hot-path ops (mimae_scale.ops)
 
 
 def count_calls(calls: Counter) -> None:

@@ -6,9 +6,7 @@ and must return data with the expected labels."""
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,9 +15,18 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
-from prometheus_tools import (
+
+from mimae_scale.engine.distributed import free_port
+from mimae_scale.exit_codes import EXIT_REQUEUE
+from tests.helpers.monitoring import (
+    RANKS,
+    RATE_WINDOW,
+    check_query,
+    dashboard_queries,
+    is_dcgm,
+    prometheus_config,
+)
+from tests.helpers.prometheus_tools import (
     MONITORING,
     REPO,
     PrometheusServer,
@@ -28,36 +35,8 @@ from prometheus_tools import (
     promtool_check_metrics,
     require_prometheus,
 )
-from test_monitoring_config import METRIC_SELECTOR, dashboard_queries, is_dcgm
-
-from mimae_scale.engine.distributed import free_port
-from mimae_scale.exit_codes import EXIT_REQUEUE
 
 pytestmark = pytest.mark.slow
-
-RANKS = 2
-RATE_WINDOW = "8s"  # stands in for Grafana's $__rate_interval: 8 scrapes at the test's 1 s interval
-LOSS_TERMS = {"total", "rec", "max", "min", "q"}
-CLUB_STATS = {"q_gain", "logvar_mean", "logvar_saturated"}
-
-
-def cuda_only(expr: str) -> bool:
-    """Queries of GPU memory only: the exporter has these series on CUDA runs alone."""
-    names = METRIC_SELECTOR.findall(expr)
-    return bool(names) and all(n.startswith("mimae_gpu_memory_") for n in names)
-
-
-def prometheus_config(workdir: Path) -> Path:
-    """The shipped prometheus.yml with the test's short intervals; everything else as shipped."""
-    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
-    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
-    for job in config["scrape_configs"]:
-        for sd in job.get("file_sd_configs", []):
-            sd["refresh_interval"] = "1s"
-    path = workdir / "prometheus.yml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
 
 def start_ranks(workdir: Path, job: str, port_base: int) -> list[subprocess.Popen]:
     """train.py as two plain processes with the env:// rendezvous variables (torchrun's contract)."""
@@ -115,43 +94,6 @@ def wait_for_training_history(prom: PrometheusServer, job: str, procs: list[subp
         if time.monotonic() > deadline:
             pytest.fail(f"no training history in Prometheus after {timeout:.0f} s\n{logs(workdir)}")
         time.sleep(0.5)
-
-
-def grafana_substitute(expr: str, job: str) -> str:
-    """What Grafana sends with job = ours, node and rank = All."""
-    for name, value in (("$__rate_interval", RATE_WINDOW), ("$job", job), ("$node", ".*"), ("$rank", ".*")):
-        expr = expr.replace(name, value)
-    assert "$" not in expr, expr
-    return expr
-
-
-def check_query(prom: PrometheusServer, title: str, target: dict, job: str) -> None:
-    expr = grafana_substitute(target["expr"], job)
-    result = prom.query(expr)
-    where = f"panel {title!r}, query {expr}"
-    if cuda_only(target["expr"]) and not torch.cuda.is_available():
-        assert result == [], f"{where}: GPU memory series on a CPU run"
-        return
-    assert result, f"{where}: no data"
-    for series in result:
-        value = float(series["value"][1])
-        assert math.isfinite(value), f"{where}: {series}"
-        labels = series["metric"]
-        for wanted in re.findall(r"\{\{(\w+)\}\}", target.get("legendFormat", "")):
-            assert wanted in labels, f"{where}: series without label {wanted}: {labels}"
-        if "job" in labels:
-            assert labels["job"] == job, f"{where}: {labels}"
-    legend = target.get("legendFormat", "")
-    if "{{rank}}" in legend:
-        assert {s["metric"]["rank"] for s in result} == {str(r) for r in range(RANKS)}, where
-    elif "{{term}}" in legend:
-        assert {s["metric"]["term"] for s in result} == LOSS_TERMS, where
-    elif "{{stat}}" in legend:
-        assert {s["metric"]["stat"] for s in result} == CLUB_STATS, where
-    else:
-        assert len(result) == 1, f"{where}: expected one series, got {result}"
-    if "by (job)" in expr:
-        assert all(s["metric"].get("job") == job for s in result), where
 
 
 def test_prometheus_scrapes_two_rank_training_and_answers_every_dashboard_query(tmp_path):

@@ -17,8 +17,9 @@ from mimae_scale.data_tools.encode import EncodeSettings
 from mimae_scale.data_tools.index import index_path_for
 from mimae_scale.data_tools.verify import verify
 from PIL import Image
-from shard_helpers import jpeg_bytes
 from wds2idx import IndexCreator
+
+from tests.helpers.shard_helpers import jpeg_bytes
 
 
 def _png_rgba(rng) -> bytes:

@@ -16,12 +16,12 @@ import pytest
 import torch
 import webdataset as wds
 from mimae_scale.data_tools.cli import main as shards_main
-from shard_helpers import jpeg_bytes, write_id_shards
 
 from mimae_scale.config import load_config
 from mimae_scale.data import build_eval_loader, build_train_loader
 from mimae_scale.data.dali_loader import labels_from_ascii
 from mimae_scale.data.shardset import DataError
+from tests.helpers.shard_helpers import jpeg_bytes, write_id_shards
 
 N, PER_SHARD, BATCH = 103, 16, 8  # uneven: 7 tars, the last one short; 103 is prime
 BACKENDS = ["dali", "webdataset"]

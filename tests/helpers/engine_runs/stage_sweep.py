@@ -1,4 +1,4 @@
-"""Test driver (run under a launcher by tests/test_engine_multiprocess.py): one short training per
+"""Test driver (run under a launcher by tests/integration/test_engine_multiprocess.py): one short training per
 ZeRO stage, one after the other in the same ranks, so the launch cost is paid once.
 
 Usage: stage_sweep.py ROOT STAGES [key.sub=value ...]  (STAGES like 0,1,2,3)

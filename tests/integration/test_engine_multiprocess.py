@@ -23,10 +23,10 @@ import torch
 from mimae_scale.config import load_config
 from mimae_scale.engine.checkpoint import FORMAT, MARKER
 from mimae_scale.engine.distributed import free_port
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 420
 # 2 ranks x 16 images per step over 240 demo images: 8 optimiser steps per epoch (the last one
 # padded), so checkpoints every 4 or 5 steps land mid-epoch
@@ -108,7 +108,7 @@ def test_zero_stages_0_to_3_train_and_agree(tmp_path, demo_data):
     settings = ["train.max_steps=10", "train.log_every=5", "checkpoint.every_steps=5", "optim.base_lr=3e-3",
                 "optim.warmup_epochs=0.25"]
     sweep = [str(tmp_path), "0,1,2,3", *demo_data, *settings]
-    job = Job("tests/engine_runs/stage_sweep.py", sweep, tmp_path / "sweep.log")
+    job = Job("tests/helpers/engine_runs/stage_sweep.py", sweep, tmp_path / "sweep.log")
     assert job.wait() == 0, job.output[-4000:]
     by_stage = {stage: records(tmp_path / f"zero{stage}") for stage in range(4)}
     for stage, recs in by_stage.items():

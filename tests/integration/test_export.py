@@ -13,12 +13,12 @@ from pathlib import Path
 import deepspeed
 import pytest
 import torch
-from ds_helpers import single_process_group, train_and_save
 
 from mimae_scale.config import load_config
 from mimae_scale.evaluation import export as export_mod
 from mimae_scale.evaluation.checkpoint import CheckpointError, load_checkpoint, load_model
 from mimae_scale.model import MIMAE, build_model
+from tests.helpers.ds_helpers import single_process_group, train_and_save
 
 
 @pytest.fixture(scope="module")

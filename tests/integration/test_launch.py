@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster, SlurmError
 
 from mimae_scale.config import ConfigError, grad_accumulation, load_config
 from mimae_scale.engine.distributed import free_port
 from mimae_scale.engine.ds_config import build_ds_config
 from mimae_scale.exit_codes import EXIT_CONFIG
+from tests.helpers import REPO
+from tests.helpers.slurm_cluster import SlurmCluster, SlurmError
 
-REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 LAUNCHERS = {  # script -> (config, default micro-batch cap, run directory name)
     "vit_l_1600ep.sh": ("mimae_vit_l16", 64, "mimae_vit_l16_1600ep"),

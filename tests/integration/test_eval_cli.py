@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ds_helpers import single_process_group, train_and_save
 from mimae_scale.data_tools.cli import main as shards_main
 from PIL import Image
 
@@ -20,6 +19,7 @@ from mimae_scale.evaluation.checkpoint import load_model
 from mimae_scale.evaluation.features import extract_features
 from mimae_scale.evaluation.knn import knn_evaluate
 from mimae_scale.evaluation.viz import grid_layout
+from tests.helpers.ds_helpers import single_process_group, train_and_save
 
 BIN = Path(sys.executable).parent
 

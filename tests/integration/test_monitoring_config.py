@@ -12,17 +12,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_tools import MONITORING, require_prometheus, shellcheck
 
 from mimae_scale.config import load_config
 from mimae_scale.metrics import TrainingMetrics
+from tests.helpers.monitoring import DASHBOARD, METRIC_SELECTOR, dashboard_panels, dashboard_queries, is_dcgm
+from tests.helpers.prometheus_tools import MONITORING, require_prometheus, shellcheck
 
 WRITE_TARGETS = MONITORING / "write_targets.sh"
-DASHBOARD = MONITORING / "grafana" / "mimae_throughput.json"
 GRAFANA_BUILTINS = {"__rate_interval", "__interval", "__range"}
-METRIC_SELECTOR = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*)\{")
-
-
 def write_targets(targets_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(WRITE_TARGETS), str(targets_dir), *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=30)
@@ -95,25 +92,6 @@ def test_prometheus_config_and_targets_pass_promtool(tmp_path):
 
 
 # -- dashboard ------------------------------------------------------------------------------------
-
-
-def dashboard_panels(panels: list[dict] | None = None) -> list[dict]:
-    """Every panel, rows' nested (collapsed) panels included."""
-    out = []
-    for panel in json.loads(DASHBOARD.read_text())["panels"] if panels is None else panels:
-        out.append(panel)
-        out.extend(dashboard_panels(panel.get("panels", [])))
-    return out
-
-
-def dashboard_queries() -> list[tuple[str, dict]]:
-    """(panel title, target) for every query of every panel."""
-    return [(p["title"], t) for p in dashboard_panels() for t in p.get("targets", [])]
-
-
-def is_dcgm(expr: str) -> bool:
-    """DCGM exporter metrics: optional panels, present only where NVIDIA's exporter runs."""
-    return all(name.startswith("DCGM_FI_") for name in METRIC_SELECTOR.findall(expr))
 
 
 def exported_metric_names() -> set[str]:

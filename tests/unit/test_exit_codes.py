@@ -4,11 +4,9 @@ docs/CLUSTER.md's table must say the same."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from mimae_scale.exit_codes import exit_codes
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def test_module_codes_are_distinct_and_named():

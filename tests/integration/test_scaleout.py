@@ -21,14 +21,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from prometheus_tools import PrometheusServer, require_prometheus
-from shard_helpers import write_id_shards
-from slurm_cluster import SlurmError, ensure_installed
-from slurm_netns import NamespacesUnavailable, NetnsSlurmCluster
-from test_monitoring_config import dashboard_queries, is_dcgm
-from test_monitoring_e2e import RATE_WINDOW, check_query, prometheus_config
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+from tests.helpers.monitoring import RATE_WINDOW, check_query, dashboard_queries, is_dcgm, prometheus_config
+from tests.helpers.prometheus_tools import PrometheusServer, require_prometheus
+from tests.helpers.shard_helpers import write_id_shards
+from tests.helpers.slurm_cluster import SlurmError, ensure_installed
+from tests.helpers.slurm_netns import NamespacesUnavailable, NetnsSlurmCluster
+
 LAUNCHER = REPO / "launch" / "vit_l_1600ep.sh"
 JOB_NAME = "mimae_vit_l16_1600ep"  # the launcher's #SBATCH --job-name: the metrics' job label
 NODES = 2

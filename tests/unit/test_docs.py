@@ -6,7 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OUTSIDE = re.compile(r"\.\./shared|\bSPEC\.md|\bTARGETS\.md|\bSERVICES\.md|\bCOMMON\.md")
 DOC_PATH = re.compile(r"\b((?:docs|launch|mimae_scale|kernels|data_tools|tests)/[\w./-]+\.(?:md|py|sh|yaml|json))")
 
