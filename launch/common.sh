@@ -41,8 +41,9 @@
 # instead of hanging them), NCCL_DEBUG=WARN, PYTHONUNBUFFERED=1, PYTHONFAULTHANDLER=1.
 
 # The trainer's exit statuses this script acts on (docs/CLUSTER.md, "Exit codes"): the values of
-# mimae_scale/exit_codes.py's EXIT_OK, EXIT_REQUEUE and EXIT_CONFIG, which a test holds them to.
+# mimae_scale/exit_codes.py's EXIT_OK, EXIT_ERROR, EXIT_REQUEUE and EXIT_CONFIG, which a test holds them to.
 readonly MIMAE_EXIT_OK=0
+readonly MIMAE_EXIT_ERROR=1
 readonly MIMAE_EXIT_REQUEUE=75
 readonly MIMAE_EXIT_CONFIG=2
 
@@ -131,7 +132,7 @@ mimae_launch() {
   local restart=${SLURM_RESTART_COUNT:-0}
   local master_addr
   master_addr=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-  [[ -n "$master_addr" ]] || mimae_die 1 "cannot read the node list $SLURM_JOB_NODELIST"
+  [[ -n "$master_addr" ]] || mimae_die "$MIMAE_EXIT_ERROR" "cannot read the node list $SLURM_JOB_NODELIST"
   export MASTER_ADDR=$master_addr
   # sbatch exports the submitting shell's environment. Rank variables left there by torchrun or an
   # earlier job would win over Slurm's in the trainer (RANK is how torchrun announces ranks), and
@@ -255,7 +256,7 @@ mimae_after_ranks() {
   local rc=$1
   if ((rc == MIMAE_EXIT_OK)); then
     mimae_log "training finished: not requeueing"
-    exit 0
+    exit "$MIMAE_EXIT_OK"
   fi
   # 75: every rank wrote its part of a checkpoint. Any other failure after our USR2 (a rank that
   # the signal caught before its handler was installed, say) also requeues: the newest complete
@@ -267,7 +268,7 @@ mimae_after_ranks() {
     fi
     mimae_log "requeueing job $SLURM_JOB_ID: it resumes from the newest complete checkpoint"
     scontrol requeue "$SLURM_JOB_ID" || mimae_die "$rc" "scontrol requeue failed; resubmit to resume"
-    exit 0
+    exit "$MIMAE_EXIT_OK"
   fi
   mimae_log "training failed (status $rc): not requeueing; see the run directory's train.log"
   exit "$rc"

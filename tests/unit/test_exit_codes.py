@@ -22,6 +22,9 @@ def test_launcher_constants_equal_the_module():
     assert {"EXIT_OK", "EXIT_CONFIG", "EXIT_REQUEUE"} <= set(shell), shell
     codes = exit_codes()
     assert {name: codes.get(name) for name in shell} == shell
+    code = "\n".join(line.split("#")[0] for line in text.splitlines())
+    literal = re.findall(r"\b(?:exit|mimae_die|mimae_after_ranks)\s+[0-9]+", code)
+    assert not literal, f"launch/common.sh exits with a number instead of a MIMAE_EXIT_* constant: {literal}"
 
 
 def test_cluster_doc_table_lists_exactly_the_module_codes():
