@@ -1,5 +1,6 @@
 # make setup: .venv/ with the project (editable), its development extras and CI's CPU-friendly pins.
-# make test:  set up when needed, then lint and run the test suite.
+# make test:  set up when needed, then lint and run the whole test suite (what CI runs).
+# make test-fast: the unit tests only (tests/unit: one process, no services), in under 2 minutes.
 # make demo:  set up, write the embedded demo shards, train the tiny MI-MAE and, the same way, the MAE
 #             control with the same 4 masks (no MI terms: the same views and nearly the same compute,
 #             docs/METHOD.md) for 10 epochs each on 2 CPU ranks with the deepspeed launcher
@@ -20,7 +21,7 @@ TEST_ENV := TRITON_INTERPRET=1 TORCH_EXTENSIONS_DIR=$(EXT_DIR)
 # forever; nothing builds before a target starts, so any lock found then is stale.
 CLEAR_STALE_LOCKS := find $(EXT_DIR) -name lock -delete 2>/dev/null || true
 
-.PHONY: setup test lint clean demo device-bundle
+.PHONY: setup test test-fast lint clean demo device-bundle
 
 DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
@@ -41,6 +42,10 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(CLEAR_STALE_LOCKS)
 	$(TEST_ENV) $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(CLEAR_STALE_LOCKS)
+	$(TEST_ENV) $(BIN)/python -m pytest -q tests/unit
 
 # base_lr 6e-3 (4x the tiny config's): at 3 epochs / 1.5e-3 the encoder did not yet beat a random
 # initialisation on the probes (docs/RESULTS.md)

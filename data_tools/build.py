@@ -25,11 +25,12 @@ from mimae_scale.data_tools.shards import (
     ShardRecord,
     load_manifest,
     shard_name,
-    write_json_atomic,
     write_manifest,
     write_shard,
 )
 from tqdm import tqdm
+
+from mimae_scale.fileio import write_json_atomic, write_text_atomic
 
 PARTS = ".parts"
 
@@ -169,9 +170,7 @@ def build(
 
     ordered = [records[k] for k in sorted(records)]
     rejected = [r for rec in ordered for r in rec["rejected"]]
-    tmp = out_dir / f".{REJECTED}.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rejected))
-    os.replace(tmp, out_dir / REJECTED)
+    write_text_atomic(out_dir / REJECTED, "".join(json.dumps(r) + "\n" for r in rejected))
     return write_manifest(
         out_dir,
         classes=classes,

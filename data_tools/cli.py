@@ -14,6 +14,8 @@ from mimae_scale.data_tools.encode import EncodeSettings
 from mimae_scale.data_tools.index import write_index
 from mimae_scale.data_tools.verify import verify
 
+from mimae_scale.exit_codes import EXIT_CONFIG, EXIT_ERROR, EXIT_OK
+
 
 def _cmd_build(args: argparse.Namespace) -> int:
     settings = BuildSettings(
@@ -28,14 +30,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
         m = build(args.src, args.out, settings, workers=args.workers, classes=classes, progress=not args.quiet)
     except BuildError as e:
         print(f"mimae-shards build: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     dt = time.perf_counter() - t0
     print(
         f"{m['total_inputs']} inputs -> {m['total_samples']} samples in {len(m['shards'])} shards "
         f"({m['total_bytes'] / 1e6:.1f} MB), {m['total_rejected']} rejected (see {args.out / 'rejected.jsonl'}), "
         f"{m['total_reencoded']} re-encoded, {dt:.1f} s"
     )
-    return 0
+    return EXIT_OK
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -43,13 +45,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     for p in problems:
         print(p)
     print(f"{args.out}: {'OK' if not problems else f'{len(problems)} problem(s)'}", file=sys.stderr)
-    return 1 if problems else 0
+    return EXIT_ERROR if problems else EXIT_OK
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
     for tar in args.tars:
         print(write_index(tar))
-    return 0
+    return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -64,7 +66,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     summary = ", ".join(f"{k}: {m['total_samples']} samples in {len(m['shards'])} shards" for k, m in ms.items())
     print(f"{args.out}: {summary} ({time.perf_counter() - t0:.1f} s)")
-    return 0
+    return EXIT_OK
 
 
 def parser() -> argparse.ArgumentParser:

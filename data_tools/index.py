@@ -13,6 +13,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mimae_scale.fileio import write_text_atomic
+
 INDEX_VERSION = "v1.2"
 
 
@@ -105,8 +107,5 @@ def index_path_for(tar_path: str | Path) -> Path:
 def write_index(tar_path: str | Path, idx_path: str | Path | None = None) -> Path:
     """Index ``tar_path`` atomically (temp file + rename) and return the index path."""
     idx = Path(idx_path) if idx_path is not None else index_path_for(tar_path)
-    text = format_index(scan_tar(tar_path))
-    tmp = idx.with_name(f".{idx.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, idx)
+    write_text_atomic(idx, format_index(scan_tar(tar_path)))
     return idx

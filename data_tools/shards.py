@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from mimae_scale.data_tools.index import write_index
+
+from mimae_scale.fileio import atomic_path, write_json_atomic
 
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
@@ -70,26 +71,16 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_shard(out_dir: Path, name: str, samples: Iterable[Sample]) -> ShardRecord:
     """Write one shard and its index so that neither ever exists half-written under its final name."""
     tar_path = out_dir / name
-    tmp = out_dir / f".{name}.tmp-{os.getpid()}"
     count = 0
-    with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_path(tar_path) as tmp:
+        with tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for s in samples:
                 _add(tar, f"{s.key}.jpg", s.jpg)
                 _add(tar, f"{s.key}.cls", str(s.cls).encode())
                 _add(tar, f"{s.key}.path.txt", s.path.encode())
                 count += 1
-        f.flush()
-        os.fsync(f.fileno())
-    idx_path = write_index(tmp, out_dir / (name[: -len(".tar")] + ".idx"))
-    os.replace(tmp, tar_path)
+        idx_path = write_index(tmp, out_dir / (name[: -len(".tar")] + ".idx"))
     return ShardRecord(name, idx_path.name, count, tar_path.stat().st_size, sha256_file(tar_path))
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def write_manifest(

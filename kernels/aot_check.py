@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from mimae_scale.exit_codes import EXIT_CONFIG, EXIT_OK
+
 # Per-GPU shapes of the MI-MAE recipes (K = 4 masks, 75% hidden): see docs/KERNELS.md.
 SHAPES: dict[str, dict[str, int]] = {
     # B images per GPU, N patches, L visible, D encoder width, Dd decoder width, P pixels per patch,
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("aot_check compiles for the GPU: run it with TRITON_INTERPRET unset", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     launches = record_launches(model_calls(SHAPES[args.shapes]))
     print(f"{len(launches)} launches at {args.shapes} shapes {SHAPES[args.shapes]}, compiled for sm_90:")
     for launch in launches:
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{info['kernel']:22s} grid={info['grid']!s:18s} warps={info['num_warps']} "
               f"regs={info['registers']} spill_bytes={info['spill_bytes']} smem={info['shared_bytes']} "
               f"{info['meta']}", flush=True)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ def _meta_model(config: str, overrides: tuple[str, ...]) -> torch.nn.Module:
     from mimae_scale.config import load_config
     from mimae_scale.model import build_model
 
+    cfg = load_config(config, overrides)
     with torch.device("meta"):
-        return build_model(load_config(config, overrides))
+        return build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
 
 
 def parameter_numels(config: str, overrides: tuple[str, ...] = ()) -> list[int]:
@@ -96,7 +97,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
     import deepspeed
     import deepspeed.comm as ds_comm
 
-    from mimae_scale.config import load_config
+    from mimae_scale.config import grad_accumulation, load_config
     from mimae_scale.engine.ds_config import build_ds_config
     from mimae_scale.engine.optim import build_optimizer
     from mimae_scale.model import build_model
@@ -109,8 +110,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
         cfg = load_config(args.config, [*args.overrides, f"engine.zero_stage={stage}",
                                         f"train.global_batch={micro * world}"])
         torch.manual_seed(0)
-        model = build_model(cfg)
-        ds_config = build_ds_config(cfg, world, torch.device("cpu"))
+        model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
+        ds_config = build_ds_config(cfg, grad_accumulation(cfg, world), "fp32")  # gloo on CPUs: fp32
         ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = PERSISTENCE
         ds_config["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True, "debug": False}
         optimizer = build_optimizer(model, cfg, wrapped_by_deepspeed=stage > 0, device=torch.device("cpu"))
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes-only", action="store_true", help="print the shipped configs' parameter counts")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_args(argv)
+    from mimae_scale.exit_codes import EXIT_ERROR, EXIT_OK
 
     print("| config | encoder | decoder (+ mask token) | MI heads | total |")
     print("|---|---:|---:|---:|---:|")
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         parts = parameter_counts(name, tuple(args.overrides) if name == args.config else ())
         print(f"| {name} | {parts['encoder']:,} | {parts['decoder']:,} | {parts['mi_heads']:,} | {parts['total']:,} |")
     if args.sizes_only:
-        return 0
+        return EXIT_OK
 
     numels = parameter_numels(args.config, tuple(args.overrides))
     params = sum(numels)
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {stage} | {op} | {calls:g} | {logged:,.0f} | {want:,} | {ratio:.4f} | "
                   f"{scalar_calls:g} ({scalar_bytes:g}) |")
     print(f"\n{'all collectives within 1% of the prediction' if ok else 'MISMATCH against the prediction'}")
-    return 0 if ok else 1
+    return EXIT_OK if ok else EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -40,8 +40,10 @@
 # TORCH_NCCL_ASYNC_ERROR_HANDLING=1 and NCCL_ASYNC_ERROR_HANDLING=1 (a dead rank aborts the others
 # instead of hanging them), NCCL_DEBUG=WARN, PYTHONUNBUFFERED=1, PYTHONFAULTHANDLER=1.
 
-# Trainer exit statuses (README, "Exit status"): 0 done, 75 checkpointed after a stop signal, 2 bad config.
-readonly MIMAE_EXIT_DONE=0
+# The trainer's exit statuses this script acts on (docs/CLUSTER.md, "Exit codes"): the values of
+# mimae_scale/exit_codes.py's EXIT_OK, EXIT_ERROR, EXIT_REQUEUE and EXIT_CONFIG, which a test holds them to.
+readonly MIMAE_EXIT_OK=0
+readonly MIMAE_EXIT_ERROR=1
 readonly MIMAE_EXIT_REQUEUE=75
 readonly MIMAE_EXIT_CONFIG=2
 
@@ -130,7 +132,7 @@ mimae_launch() {
   local restart=${SLURM_RESTART_COUNT:-0}
   local master_addr
   master_addr=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-  [[ -n "$master_addr" ]] || mimae_die 1 "cannot read the node list $SLURM_JOB_NODELIST"
+  [[ -n "$master_addr" ]] || mimae_die "$MIMAE_EXIT_ERROR" "cannot read the node list $SLURM_JOB_NODELIST"
   export MASTER_ADDR=$master_addr
   # sbatch exports the submitting shell's environment. Rank variables left there by torchrun or an
   # earlier job would win over Slurm's in the trainer (RANK is how torchrun announces ranks), and
@@ -233,6 +235,7 @@ import sys
 
 try:
     from mimae_scale.config import ConfigError, load_config, validate
+    from mimae_scale.exit_codes import EXIT_CONFIG
 except ImportError as exc:
     print(f"[mimae-launch] config not checked before srun ({exc}); the ranks will check it", file=sys.stderr)
     sys.exit(0)
@@ -240,7 +243,7 @@ try:
     validate(load_config(sys.argv[1], sys.argv[3:]), int(sys.argv[2]))
 except ConfigError as exc:
     print(f"ConfigError: {exc}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_CONFIG)
 PY
   # A stop signal also reaches this foreground check; the caller handles the signal itself.
   if ((rc == 0 || MIMAE_GOT_USR2 || MIMAE_GOT_TERM)); then return 0; fi
@@ -251,9 +254,9 @@ PY
 # Decide what the job does once the ranks are gone.
 mimae_after_ranks() {
   local rc=$1
-  if ((rc == MIMAE_EXIT_DONE)); then
+  if ((rc == MIMAE_EXIT_OK)); then
     mimae_log "training finished: not requeueing"
-    exit 0
+    exit "$MIMAE_EXIT_OK"
   fi
   # 75: every rank wrote its part of a checkpoint. Any other failure after our USR2 (a rank that
   # the signal caught before its handler was installed, say) also requeues: the newest complete
@@ -265,7 +268,7 @@ mimae_after_ranks() {
     fi
     mimae_log "requeueing job $SLURM_JOB_ID: it resumes from the newest complete checkpoint"
     scontrol requeue "$SLURM_JOB_ID" || mimae_die "$rc" "scontrol requeue failed; resubmit to resume"
-    exit 0
+    exit "$MIMAE_EXIT_OK"
   fi
   mimae_log "training failed (status $rc): not requeueing; see the run directory's train.log"
   exit "$rc"

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from mimae_scale.config import load_config
+from mimae_scale.exit_codes import EXIT_OK
 
 
 def _reference_batches(tars: list[str], size: int, batch: int, cfg) -> Iterator[torch.Tensor]:
@@ -125,7 +126,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         ref = next(iter(results.values()))
         for name, rate in list(results.items())[1:]:
             print(f"{name}: {rate / ref:.2f}x the reference")
-    return 0
+    return EXIT_OK
 
 
 def _imagenet_like_tree(root: Path, count: int) -> list[Path]:
@@ -194,7 +195,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
         shard_mb = sum(p.stat().st_size for p in (Path(tmp) / "out0").glob("*.tar")) / 1e6
         print(f"shards: {shard_mb:.1f} MB for {mb:.1f} MB of source JPEGs")
         print(f"build: {ours / ref:.2f}x the decode-only reference")
-    return 0
+    return EXIT_OK
 
 
 def cmd_checkpoint(args) -> int:
@@ -204,8 +205,10 @@ def cmd_checkpoint(args) -> int:
     from mimae_scale.engine.checkpoint import describe, problems_in
     from mimae_scale.model import build_model
 
+    cfg = load_config(args.config)
     with torch.device("meta"):  # parameter count only, no memory
-        params = sum(p.numel() for p in build_model(load_config(args.config)).parameters())
+        model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
+        params = sum(p.numel() for p in model.parameters())
     sizes = {"mp_rank_00_model_states.pt": 2 * params}
     sizes |= {f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt": 12 * params // args.ranks for r in range(args.ranks)}
     tag = Path(tempfile.mkdtemp(dir=args.dir))
@@ -227,7 +230,7 @@ def cmd_checkpoint(args) -> int:
     print(f"{args.config}: {params / 1e6:.1f} M parameters, {total / 1e9:.2f} GB in {len(sizes)} files")
     print(f"checksums at save: {t1 - t0:.1f} s; verification at resume: {t2 - t1:.1f} s "
           f"({total / (t2 - t1) / 1e6:.0f} MB/s, one process; W ranks share the files)")
-    return 0
+    return EXIT_OK
 
 
 def parser() -> argparse.ArgumentParser:

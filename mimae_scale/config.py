@@ -172,8 +172,14 @@ class EvalConfig:
     pool: Literal["cls", "mean"] = "mean"  # features of the kNN monitor and mimae-eval: cls token or patch mean
 
 
-# The sections a resumed run must share with its checkpoint (everything else may change on resume).
+# The sections a resumed run must share with its checkpoint (everything else may change on resume);
+# the fingerprint hashes them, and the model is built from them alone (mimae_scale.model.build_model).
 METHOD_SECTIONS = ("model", "mask", "mi", "loss")
+
+
+def method_sections(config: dict[str, Any]) -> dict[str, Any]:
+    """The method sections of a config as plain data (a run's ``Config.to_dict()``, or a checkpoint's)."""
+    return {k: config.get(k) for k in METHOD_SECTIONS}
 
 
 @dataclass
@@ -203,7 +209,7 @@ class Config:
 
     def method(self) -> dict[str, Any]:
         """The sections that define the model and the method: a checkpoint resumes only under equal ones."""
-        return {k: self.to_dict()[k] for k in METHOD_SECTIONS}
+        return method_sections(self.to_dict())
 
     def fingerprint(self) -> str:
         """Hash of :meth:`method` (not paths, batch sizes, layout or logging)."""
@@ -404,10 +410,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.log_every >= 1, "train.log_every", "must be at least 1")
     _check(t.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be at least 1")
     if world_size is not None:
-        per_step = t.micro_batch * world_size
-        _check(t.global_batch % per_step == 0, "train.global_batch",
-               f"{t.global_batch} images do not split into micro-batches of {t.micro_batch} "
-               f"on {world_size} ranks")
+        grad_accumulation(cfg, world_size)
 
     _check(cfg.engine.zero_stage in (0, 1, 2, 3), "engine.zero_stage", "must be 0, 1, 2 or 3")
     for name in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size"):
@@ -431,9 +434,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
 
 def grad_accumulation(cfg: Config, world_size: int) -> int:
-    """Micro-batches each rank accumulates per optimiser step (global = micro * world * accum)."""
-    validate(cfg, world_size)
-    return cfg.train.global_batch // (cfg.train.micro_batch * world_size)
+    """Micro-batches each rank accumulates per optimiser step (global = micro * world * accum): the one
+    place this is computed; the trainer hands the value to DeepSpeed's config. ConfigError when the
+    global batch does not split."""
+    t = cfg.train
+    per_step = t.micro_batch * world_size
+    _check(per_step >= 1 and t.global_batch % per_step == 0, "train.global_batch",
+           f"{t.global_batch} images do not split into micro-batches of {t.micro_batch} on {world_size} ranks")
+    return t.global_batch // per_step
 
 
 def dump_yaml(cfg: Config) -> str:

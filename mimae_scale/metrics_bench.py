@@ -37,7 +37,7 @@ class BenchResult:
 def time_training_step(cfg: Config, steps: int, warmup: int = 3) -> float:
     """Median wall time of one forward + backward + AdamW step of the model on the CPU."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
+    model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     size = cfg.model.img_size
     imgs = torch.randn(cfg.train.micro_batch, cfg.model.in_chans, size, size)

@@ -26,9 +26,19 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
     return precision
 
 
+def deepspeed_bf16(precision: str) -> bool:
+    """Whether DeepSpeed runs its bf16 mode (``bf16`` only: ``amp`` hands it an fp32 module)."""
+    return precision == "bf16"
+
+
 def input_dtype(precision: str) -> torch.dtype:
     """The dtype the images are handed to the model in."""
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    return torch.bfloat16 if deepspeed_bf16(precision) else torch.float32
+
+
+def training_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The training images' dtype on ``device`` (what the loaders hand over)."""
+    return input_dtype(resolve_precision(cfg, device))
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

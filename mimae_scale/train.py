@@ -25,7 +25,8 @@ from mimae_scale.data.shardset import DataError
 from mimae_scale.engine.checkpoint import CheckpointMismatch, CheckpointUnusable
 from mimae_scale.engine.distributed import detect_env
 from mimae_scale.engine.signals import StopRequest
-from mimae_scale.engine.trainer import EXIT_CONFIG, EXIT_ERROR, Trainer
+from mimae_scale.engine.trainer import Trainer
+from mimae_scale.exit_codes import EXIT_CONFIG, EXIT_ERROR
 
 log = logging.getLogger("mimae_scale.engine")
 

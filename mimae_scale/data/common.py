@@ -17,16 +17,11 @@ import torch
 from mimae_scale.config import Config
 from mimae_scale.data.samples import SampleIds, pack, unpack
 from mimae_scale.data.shardset import ShardSet, padded_steps, shard_sizes
-from mimae_scale.precision import input_dtype, resolve_precision
+from mimae_scale.precision import training_dtype
 
 log = logging.getLogger(__name__)
 
 EVAL_CROP_FRACTION = 0.875  # eval: resize the shorter side to size / 0.875, centre crop (ImageNet protocol)
-
-
-def training_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """The images' dtype in training: bf16 under DeepSpeed's bf16 mode, else fp32 (mimae_scale.precision)."""
-    return input_dtype(resolve_precision(cfg, device))
 
 
 def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:

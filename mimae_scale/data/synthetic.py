@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from mimae_scale.config import Config
-from mimae_scale.data.common import training_dtype
+from mimae_scale.precision import training_dtype
 
 
 class SyntheticLoader:

@@ -44,8 +44,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mimae_scale.config import METHOD_SECTIONS, Config
+from mimae_scale.config import Config, method_sections
 from mimae_scale.engine import faults
+from mimae_scale.fileio import atomic_path, write_text_atomic
 
 log = logging.getLogger("mimae_scale.engine")
 
@@ -72,15 +73,6 @@ def tag_for(step: int) -> str:
 
 def rank_file(rank: int) -> str:
     return f"mimae_rank{rank:05d}.pt"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -198,7 +190,7 @@ class RunConfig:
         return self.cfg.to_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        diffs = _diff({k: state.get(k) for k in METHOD_SECTIONS}, self.cfg.method())
+        diffs = _diff(method_sections(state), self.cfg.method())
         if diffs:
             raise CheckpointMismatch("the checkpoint was written with another model/method configuration: "
                                      + "; ".join(diffs))
@@ -319,9 +311,8 @@ class CheckpointManager:
                 shutil.rmtree(tag_dir)
         dist.barrier()
         engine.save_checkpoint(str(self.root), tag=tag, client_state=state.client_state(), save_latest=False)
-        tmp = tag_dir / (rank_file(self.rank) + ".tmp")
-        torch.save(state.rank_state(), tmp)
-        os.replace(tmp, tag_dir / rank_file(self.rank))
+        with atomic_path(tag_dir / rank_file(self.rank)) as tmp:
+            torch.save(state.rank_state(), tmp)
         faults.maybe_crash_in_save(step, self.rank)
         dist.barrier()  # every rank has written everything it owns
         names = [sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file())]
@@ -332,8 +323,8 @@ class CheckpointManager:
         if self.rank == 0:
             _fsync_tree(tag_dir)
             record = {"tag": tag, "step": step, **marker, "files": dict(sorted(files.items()))}
-            _write_atomic(tag_dir / MARKER, json.dumps(record, indent=1) + "\n")
-            _write_atomic(self.root / LATEST, tag + "\n")
+            write_text_atomic(tag_dir / MARKER, json.dumps(record, indent=1) + "\n")
+            write_text_atomic(self.root / LATEST, tag + "\n")
             self._prune(keep=tag)
         dist.barrier()  # nobody leaves (or exits) before the checkpoint counts
         log.info("checkpoint %s complete (%.1f s)", tag_dir, time.perf_counter() - started)
@@ -443,7 +434,7 @@ class CheckpointManager:
         _loadable_by_any_stage(work)
         names = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())
         _fsync_tree(work)
-        _write_atomic(work / MARKER, json.dumps({"files": describe(work, names)}) + "\n")
+        write_text_atomic(work / MARKER, json.dumps({"files": describe(work, names)}) + "\n")
         os.replace(work, out)
         log.warning("converted %s to DeepSpeed's universal format in %.1f s (%s, kept for later resumes)",
                     tag_dir, time.perf_counter() - started, out)
@@ -453,7 +444,7 @@ class CheckpointManager:
         current = latest.read_text().strip() if latest.is_file() else None
         if current != chosen.tag and self.rank == 0:
             log.warning("%s names %s; resuming from %s and pointing it there", latest, current, chosen.tag)
-            _write_atomic(latest, chosen.tag + "\n")
+            write_text_atomic(latest, chosen.tag + "\n")
 
 
 def _both_model_state_names(universal: Path) -> None:

@@ -6,10 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from mimae_scale.config import Config, grad_accumulation
-from mimae_scale.precision import resolve_precision
+from mimae_scale.config import Config
+from mimae_scale.precision import deepspeed_bf16
 
 # We print our own progress line and metrics; DeepSpeed's would duplicate them every N steps.
 _NEVER = 2**62
@@ -34,17 +32,16 @@ def zero_optimization(cfg: Config) -> dict[str, Any]:
     return zero
 
 
-def build_ds_config(cfg: Config, world_size: int, device: torch.device) -> dict[str, Any]:
-    """The dict handed to ``deepspeed.initialize``. Batch sizes are images:
-    global = micro-batch x world size x accumulation steps, which DeepSpeed checks again."""
-    accumulation = grad_accumulation(cfg, world_size)  # raises ConfigError if the batch does not split
-    precision = resolve_precision(cfg, device)
+def build_ds_config(cfg: Config, accumulation: int, precision: str) -> dict[str, Any]:
+    """The dict handed to ``deepspeed.initialize``, given the run's ``config.grad_accumulation`` and
+    ``precision.resolve_precision``. Batch sizes are images: global = micro-batch x world size x
+    accumulation steps, which DeepSpeed checks again."""
     return {
         "train_batch_size": cfg.train.global_batch,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
         "gradient_accumulation_steps": accumulation,
         "zero_optimization": zero_optimization(cfg),
-        "bf16": {"enabled": precision == "bf16"},  # amp: an fp32 module to DeepSpeed, autocast in our forward
+        "bf16": {"enabled": deepspeed_bf16(precision)},  # amp: an fp32 module to DeepSpeed, autocast in our forward
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
         # our checkpoint tags are "step_<n>", identical on every rank by construction

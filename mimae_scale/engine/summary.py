@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from mimae_scale.engine.checkpoint import CheckpointManager
+from mimae_scale.exit_codes import EXIT_CONFIG, EXIT_OK
 
 TERMS = {"loss": "total (encoder objective)", "loss_rec": "reconstruction", "loss_max": "InfoNCE (L_max)",
          "loss_min": "CLUB (L_min)", "loss_q": "L_q (CLUB critic)"}
@@ -69,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m mimae_scale.engine.summary RUN_DIR", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     print(summarize(Path(args[0])))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

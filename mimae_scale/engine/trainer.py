@@ -42,20 +42,14 @@ from mimae_scale.engine.optim import LRSchedule, build_optimizer, peak_lr
 from mimae_scale.engine.reporting import ConsoleSink, JsonlSink, MetricsSink, StepTiming
 from mimae_scale.engine.signals import StopRequest
 from mimae_scale.evaluation.online import knn_due, online_knn
+from mimae_scale.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
 from mimae_scale.metrics import LOSS_TERMS, TrainingMetrics
 from mimae_scale.model import build_model
 from mimae_scale.model.club import ClubCritic, min_weight
 from mimae_scale.model.compile import compile_blocks
-from mimae_scale.precision import autocast, input_dtype, resolve_precision
+from mimae_scale.precision import autocast, deepspeed_bf16, input_dtype, resolve_precision
 
 log = logging.getLogger("mimae_scale.engine")
-
-# Exit status of train.py (README "Training"): a launcher requeues on EXIT_REQUEUE.
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_CONFIG = 2
-EXIT_NONFINITE = 3
-EXIT_REQUEUE = 75  # EX_TEMPFAIL
 
 
 @dataclass
@@ -137,15 +131,15 @@ class Trainer:
         self.sinks.append(self.metrics)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = build_model(cfg)
+        model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
         if cfg.engine.compile:
             compile_blocks(model)
         # CLUB's q: outside the engine, with its own optimiser (mimae_scale.model.club)
         self.critic = ClubCritic(cfg, self.device) if cfg.loss.w_min > 0 else None
         # DeepSpeed checks non-finite gradients itself whenever it wraps the optimiser (ZeRO 1-3, bf16)
-        wrapped = cfg.engine.zero_stage > 0 or self.precision == "bf16"
+        wrapped = cfg.engine.zero_stage > 0 or deepspeed_bf16(self.precision)
         optimizer = build_optimizer(model, cfg, wrapped_by_deepspeed=wrapped, device=self.device)
-        self.ds_config = build_ds_config(cfg, env.world_size, self.device)
+        self.ds_config = build_ds_config(cfg, self.accumulation, self.precision)
         # Another number of ranks or ZeRO stage than the checkpoint's: load it through DeepSpeed's
         # universal format
         self.relayout = newest is not None and (newest.world_size, newest.zero_stage) != (env.world_size,

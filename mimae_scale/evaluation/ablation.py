@@ -47,6 +47,7 @@ from mimae_scale.config import Config, load_config
 from mimae_scale.engine.optim import LRSchedule, build_optimizer
 from mimae_scale.evaluation.knn import knn_evaluate
 from mimae_scale.evaluation.linear_probe import train_linear_probe
+from mimae_scale.exit_codes import EXIT_OK
 from mimae_scale.model import MIMAE, build_model
 from mimae_scale.model.club import ClubCritic, blind_gaussian_nll, min_weight
 from mimae_scale.ops import REFERENCE
@@ -140,7 +141,7 @@ def train(cfg: Config, images: torch.Tensor, seed: int,
           train_epochs: int | None = None) -> tuple[MIMAE, list[dict[str, float]]]:
     """``train_epochs`` (default train.epochs): 0 gives the initialised model, trained on nothing."""
     torch.manual_seed(seed)
-    model = build_model(cfg)
+    model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
     critic = ClubCritic(cfg) if cfg.loss.w_min > 0 else None
     optimizer = build_optimizer(model, cfg, wrapped_by_deepspeed=True, device=torch.device("cpu"))
     batch = cfg.train.global_batch
@@ -417,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     picture(table, args.out / "ablation.png")
     print(md)
     print(f"mimae-ablate: {args.out / 'results.json'}, {args.out / 'table.md'}, {args.out / 'ablation.png'}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

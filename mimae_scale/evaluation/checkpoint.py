@@ -186,7 +186,7 @@ def load_checkpoint(path: str | Path, config: str | Path | None = None) -> Check
 def load_model(path: str | Path, config: str | Path | None = None) -> tuple[MIMAE, Checkpoint]:
     """The checkpoint's MIMAE (strict load, eval mode, CPU fp32)."""
     ckpt = load_checkpoint(path, config)
-    model = build_model(ckpt.cfg)
+    model = build_model(ckpt.cfg.model, ckpt.cfg.mask, ckpt.cfg.mi, ckpt.cfg.loss, kernels=ckpt.cfg.kernels.enabled)
     try:
         model.load_state_dict(ckpt.state_dict, strict=True)
     except RuntimeError as exc:

@@ -27,6 +27,7 @@ from mimae_scale.evaluation.checkpoint import CheckpointError, load_model
 from mimae_scale.evaluation.features import extract_features
 from mimae_scale.evaluation.knn import knn_evaluate
 from mimae_scale.evaluation.linear_probe import train_linear_probe
+from mimae_scale.exit_codes import EXIT_CONFIG, EXIT_OK
 from mimae_scale.model import MIMAE, build_model
 
 
@@ -47,7 +48,7 @@ def _device(name: str) -> torch.device:
 
 def random_init_model(cfg: Config, seed: int) -> MIMAE:
     torch.manual_seed(seed)
-    return build_model(cfg).eval()
+    return build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled).eval()
 
 
 def _features(model: MIMAE, cfg: Config, args: argparse.Namespace, device: torch.device, name: str) -> dict:
@@ -161,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"mimae-eval: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_CONFIG
+    return EXIT_OK
 
 
 if __name__ == "__main__":

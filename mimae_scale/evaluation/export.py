@@ -23,6 +23,8 @@ import torch
 
 from mimae_scale.config import Config
 from mimae_scale.evaluation.checkpoint import CheckpointError, load_checkpoint
+from mimae_scale.exit_codes import EXIT_CONFIG, EXIT_OK
+from mimae_scale.fileio import atomic_path
 
 ENCODER_PARAMS = ("cls_token", "pos_embed")
 ENCODER_MODULES = ("patch_embed.", "blocks.", "norm.")
@@ -75,14 +77,13 @@ def create_timm_model(cfg: Config) -> torch.nn.Module:
 
 def _save(tensors: dict[str, torch.Tensor] | dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    if out.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    with atomic_path(out) as tmp:  # never leave a half-written file under the final name
+        if out.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        save_file(tensors, str(tmp))
-    else:
-        torch.save(tensors, tmp)
-    tmp.replace(out)  # never leave a half-written file under the final name
+            save_file(tensors, str(tmp))
+        else:
+            torch.save(tensors, tmp)
 
 
 def export(checkpoint: str | Path, out: str | Path, fmt: str, config: str | Path | None = None) -> dict[str, Any]:
@@ -122,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = export(args.checkpoint, args.out, args.format, args.config)
     except (CheckpointError, ValueError) as exc:
         print(f"mimae-export: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     print(json.dumps(summary, indent=2))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from mimae_scale.exit_codes import EXIT_CONFIG, EXIT_OK
 from mimae_scale.losses import PATCH_NORM_EPS
 from mimae_scale.model import MIMAE
 
@@ -162,14 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         images = first_images(eval_loader(ckpt.cfg, args.data, torch.device("cpu"), args.num_images), args.num_images)
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"mimae-viz: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     panels = reconstruction_panels(model, images, ckpt.cfg.data.mean, ckpt.cfg.data.std,
                                    torch.Generator().manual_seed(args.seed))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     render_grid(panels).save(out)
     print(f"mimae-viz: {out} ({len(images)} images, {model.num_masks} masks, {ckpt.path})")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

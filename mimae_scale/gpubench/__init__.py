@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from mimae_scale.fileio import write_json_atomic
+
 SECTIONS = ("env", "kernels", "kernel-time", "step", "decode", "train")
 
 
@@ -84,9 +86,7 @@ class ResultsFile:
 
     def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self.data, default=str)
 
 
 def env_section(ctx: Context) -> None:

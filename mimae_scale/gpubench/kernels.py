@@ -1,7 +1,7 @@
 """The ``kernels`` and ``kernel-time`` sections: the six Triton kernels against float64 math and
 against the plain-PyTorch references' time and their own byte floors.
 
-Correctness follows tests/test_kernels.py (same tolerances: max |kernel - float64| / max |float64|
+Correctness follows tests/unit/test_kernels.py (same tolerances: max |kernel - float64| / max |float64|
 <= 2e-5 for float32, 8e-3 for bf16; losses 2e-5 relative to their terms' size), at the model's
 real per-GPU shapes as well as odd ones, with every kernel output allocated as NaN first so an
 element no program wrote cannot pass. The float64 loss oracles here are vectorised (the tests'

@@ -163,7 +163,7 @@ def plain_step(cfg, device: torch.device, warmup: int, steps: int, compile_block
 
     _reset_memory(device)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled).to(device)
     if compile_blocks:
         compile_model_blocks(model)
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=1e-4, betas=cfg.optim.betas,

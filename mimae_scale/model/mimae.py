@@ -7,7 +7,7 @@ encoder and decoder serves them all (docs/METHOD.md).
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -17,7 +17,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from mimae_scale import losses, masking, ops
-from mimae_scale.config import Config
+from mimae_scale.config import LossConfig, MaskConfig, MIConfig, ModelConfig
 from mimae_scale.model.club import ClubCritic, over_valid_rows
 from mimae_scale.model.heads import Projector
 from mimae_scale.model.pos_embed import sincos_2d
@@ -58,17 +58,24 @@ def info_nce_over_ranks(z: torch.Tensor, rows_valid: torch.Tensor, num_masks: in
     return impl.info_nce(both[:, :-1], num_masks, tau, both[:, -1] > 0.5)
 
 
+Kernels = Literal["auto", "on", "off"]  # kernels.enabled: Triton kernels or references (mimae_scale.ops)
+
+
 class MIMAE(nn.Module):
-    def __init__(self, cfg: Config) -> None:
+    """Built from the method's own config sections (the ones a run's fingerprint covers), not the
+    whole run config: data, engine, metrics and the rest never reach the model."""
+
+    def __init__(self, model: ModelConfig, mask: MaskConfig, mi: MIConfig, loss: LossConfig,
+                 kernels: Kernels = "auto") -> None:
         super().__init__()
-        m = cfg.model
-        self.cfg = cfg
+        m = model
+        self.mi = mi
         self.patch_size = m.patch_size
-        self.num_masks = cfg.mask.num_masks
-        self.mask_ratio = cfg.mask.ratio
-        self.mask_strategy = cfg.mask.strategy
-        self.weights = cfg.loss
-        self.kernels_enabled = cfg.kernels.enabled  # Triton kernels or references (mimae_scale.ops)
+        self.num_masks = mask.num_masks
+        self.mask_ratio = mask.ratio
+        self.mask_strategy = mask.strategy
+        self.weights = loss
+        self.kernels_enabled = kernels  # may be switched on a built model (tests compare both paths)
         norm = partial(nn.LayerNorm, eps=1e-6)
 
         # encoder (names follow timm's VisionTransformer, so export is a rename-free copy)
@@ -98,7 +105,7 @@ class MIMAE(nn.Module):
         # gradient). CLUB's q is not part of the model: it is a critic with its own optimiser
         # (mimae_scale.model.club), passed to forward.
         self.projector = (
-            Projector(m.embed_dim, cfg.mi.proj_hidden_dim, cfg.mi.proj_dim) if self.weights.w_max > 0 else None
+            Projector(m.embed_dim, mi.proj_hidden_dim, mi.proj_dim) if self.weights.w_max > 0 else None
         )
         self._init_weights()
 
@@ -203,10 +210,10 @@ class MIMAE(nn.Module):
         loss = self.weights.w_rec * terms["rec"]
 
         if self.projector is not None:
-            pooled = latent[:, 1:].mean(dim=1) if self.cfg.mi.pool == "mean" else latent[:, 0]
+            pooled = latent[:, 1:].mean(dim=1) if self.mi.pool == "mean" else latent[:, 0]
             z = self.projector(pooled)
-            gather = self.cfg.mi.negatives == "global"
-            terms["max"] = info_nce_over_ranks(z, rows_valid, k, self.cfg.mi.tau, impl, gather)
+            gather = self.mi.negatives == "global"
+            terms["max"] = info_nce_over_ranks(z, rows_valid, k, self.mi.tau, impl, gather)
             loss = loss + self.weights.w_max * terms["max"]
 
         if self.weights.w_min > 0 and critic is not None:
@@ -226,7 +233,7 @@ class MIMAE(nn.Module):
         pooled latent and the down-sampled image (`global`); x per-patch normalised or raw
         (mi.club.target)."""
         k = self.num_masks
-        club = self.cfg.mi.club
+        club = self.mi.club
         if club.level == "token":
             patches = losses.normalize_patches(target) if club.target == "norm" else target.float()
             image = torch.arange(latent.shape[0], device=latent.device) // k
@@ -240,5 +247,8 @@ class MIMAE(nn.Module):
         return latent[:, 1:].mean(dim=1), small.repeat_interleave(k, dim=0), rows_valid
 
 
-def build_model(cfg: Config) -> MIMAE:
-    return MIMAE(cfg)
+def build_model(model: ModelConfig, mask: MaskConfig, mi: MIConfig, loss: LossConfig, *,
+                kernels: Kernels = "auto") -> MIMAE:
+    """The MI-MAE of these sections; ``kernels`` is the run's ``kernels.enabled``. A caller holding a
+    whole Config writes ``build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)``."""
+    return MIMAE(model, mask, mi, loss, kernels)

@@ -1,0 +1,1 @@
+"""Fast single-process tests without services (`make test-fast`)."""
