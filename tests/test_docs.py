@@ -17,7 +17,7 @@ from mimae_scale.config import Config
 REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 OUTSIDE = re.compile(r"\.\./shared|\bSPEC\.md|\bTARGETS\.md|\bSERVICES\.md|\bCOMMON\.md")
 TOP_DIRS = "docs|launch|mimae_scale|kernels|data_tools|tests|device"
-DOC_PATH = re.compile(rf"\b((?:{TOP_DIRS})/[\w./-]+\.(?:md|py|sh|yaml|json|txt))")
+DOC_PATH = re.compile(rf"\b((?:{TOP_DIRS})/[\w./-]+\.(?:md|py|sh|yaml|yml|json|txt))")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 
