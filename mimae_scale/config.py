@@ -206,7 +206,7 @@ class Config:
 
     run_dir: str = "runs/default"  # where config.yaml, logs, metrics.jsonl and checkpoints/ go; keep it to resume
     seed: int = 0  # initial weights, masks, augmentation and loader order
-    deterministic: bool = False  # torch's deterministic algorithms: a resumed run repeats its losses bit for bit
+    deterministic: bool = False  # torch's deterministic algorithms: a resumed run repeats its losses (CPU: bit for bit)
     model: ModelConfig = field(default_factory=ModelConfig)  # encoder and decoder shapes
     mask: MaskConfig = field(default_factory=MaskConfig)  # the K masks
     mi: MIConfig = field(default_factory=MIConfig)  # InfoNCE and CLUB
