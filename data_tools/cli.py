@@ -1,4 +1,4 @@
-"""``mimae-shards``: build, verify, index and demo shard sets (see README, "Data")."""
+"""``mimae-shards``: build, verify, index and demo shard sets (see docs/DATA.md)."""
 
 from __future__ import annotations
 

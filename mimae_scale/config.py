@@ -4,6 +4,10 @@ One :class:`Config` describes a run. Defaults are the MI-MAE ViT-B/16 recipe of 
 files in ``mimae_scale/configs/`` state only what differs. Loading refuses bad input before any
 work starts, with a :class:`ConfigError` that names the field: unknown keys, wrong types, values
 out of range and combinations that cannot work.
+
+Every field's meaning is the comment on its line (a longer reason, where one is needed, stands above
+it). docs/TRAINING.md ("Configuration keys") lists every key with its default; tests/test_docs.py
+checks that table against these dataclasses.
 """
 
 from __future__ import annotations
@@ -29,23 +33,27 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    mlp_ratio: float = 4.0
+    """The ViT encoder and the MAE decoder (timm ``Block``s, fixed 2-D sin-cos positions)."""
+
+    img_size: int = 224  # side of the square training image, pixels
+    patch_size: int = 16  # side of a patch, pixels (img_size must be a multiple)
+    in_chans: int = 3  # image channels
+    embed_dim: int = 768  # encoder width
+    depth: int = 12  # encoder blocks
+    num_heads: int = 12  # encoder attention heads (must divide embed_dim)
+    decoder_embed_dim: int = 512  # decoder width
+    decoder_depth: int = 8  # decoder blocks
+    decoder_num_heads: int = 16  # decoder attention heads (must divide decoder_embed_dim)
+    mlp_ratio: float = 4.0  # MLP hidden width over block width, encoder and decoder
 
 
 @dataclass
 class MaskConfig:
-    num_masks: int = 4
-    ratio: float = 0.75
-    strategy: Literal["orthogonal", "independent"] = "orthogonal"
+    """The K masks drawn per image (docs/METHOD.md, "Masks")."""
+
+    num_masks: int = 4  # K masks per image, batched as B*K rows; 1 is plain MAE
+    ratio: float = 0.75  # share of patches each mask hides
+    strategy: Literal["orthogonal", "independent"] = "orthogonal"  # orthogonal: disjoint visible sets
 
 
 @dataclass
@@ -57,8 +65,8 @@ class ClubConfig:
     global_size: int = 8  # `global` level: side of the down-sampled image z is paired with (ours)
     # q has its own optimiser (Adam, constant lr, no weight decay, no warm-up: CLUB's recipe) and takes
     # q_steps updates on the current step's detached pairs before the encoder's L_min is computed.
-    q_lr: float = 1e-3
-    q_steps: int = 5
+    q_lr: float = 1e-3  # learning rate of q's own Adam
+    q_steps: int = 5  # q updates per training step, before L_min
     variance: Literal["learned", "fixed"] = "learned"  # fixed: unit variance, q predicts the mean (CLUBMean)
     detach_logvar: bool = False  # L_min moves the encoder through q's mean only
     target: Literal["norm", "raw"] = "norm"  # x: per-patch normalised pixels (as the reconstruction) or raw
@@ -67,38 +75,44 @@ class ClubConfig:
 
 @dataclass
 class MIConfig:
-    pool: Literal["mean", "cls"] = "mean"
-    tau: float = 0.2
-    proj_hidden_dim: int = 2048
-    proj_dim: int = 256
-    negatives: Literal["global", "local"] = "global"
-    club: ClubConfig = field(default_factory=ClubConfig)
+    """The mutual-information terms: InfoNCE (L_max) and CLUB (L_min, ``club``)."""
+
+    pool: Literal["mean", "cls"] = "mean"  # view latent fed to InfoNCE's projector: patch-token mean or cls
+    tau: float = 0.2  # InfoNCE temperature
+    proj_hidden_dim: int = 2048  # InfoNCE projector's hidden width
+    proj_dim: int = 256  # InfoNCE projector's output width
+    negatives: Literal["global", "local"] = "global"  # InfoNCE negatives: all ranks' views, or this rank's
+    club: ClubConfig = field(default_factory=ClubConfig)  # CLUB's approximation network q (below)
 
 
 @dataclass
 class LossConfig:
-    w_rec: float = 1.0
-    w_max: float = 0.1
+    """Weights of the encoder's objective: w_rec * L_rec + w_max * L_max + w_min * L_min."""
+
+    w_rec: float = 1.0  # weight of the reconstruction loss (MAE's normalised-pixel MSE)
+    w_max: float = 0.1  # weight of InfoNCE between the masks' latents; 0 turns it off
     # On the per-dim mean CLUB estimate (mi.club.reduction). The spec's 0.05 on the sum over a ViT-B/16
     # patch's 768 dims would be 38.4 here: with a fitted q that stalls reconstruction. 0.1 was chosen on the
     # demo's validation split from {0.1, 0.5, 2.4, 10, 38.4} (docs/METHOD.md).
-    w_min: float = 0.1
+    w_min: float = 0.1  # weight of the CLUB upper bound; 0 turns L_min and q off
     w_min_warmup_epochs: float = 0.0  # w_min rises linearly from 0 over these epochs (ours)
 
 
 @dataclass
 class DataConfig:
-    backend: Literal["dali", "webdataset", "synthetic"] = "dali"
+    """The input pipeline (docs/DATA.md)."""
+
+    backend: Literal["dali", "webdataset", "synthetic"] = "dali"  # reader: DALI, webdataset + PIL, random tensors
     train_shards: str = ""  # directory holding manifest.json, or a brace pattern of tar files
     val_shards: str = ""  # held-out labelled shards (online kNN monitor, evaluation)
-    num_threads: int = 4
+    num_threads: int = 4  # decode threads per rank (DALI's pipeline threads, webdataset's pool)
     shuffle_buffer: int = 4096  # DALI's `initial_fill` / webdataset's shuffle window
-    hw_decoder_load: float = 0.65
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
-    hflip: bool = True
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    hw_decoder_load: float = 0.65  # share of JPEGs DALI gives the GPU's hardware decoder (0-1)
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # random-resized-crop area range, share of the image
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)  # random-resized-crop aspect-ratio range
+    hflip: bool = True  # random horizontal flip
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # per-channel normalisation mean (0-1 pixels)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # per-channel normalisation std
     # append to <run_dir>/samples/rankNNNNN.jsonl every training sample each rank hands out ("tar/key";
     # with the world size, epoch, batch, and whether the pass is the rest of an epoch begun on another
     # layout), to audit that an epoch used every sample once
@@ -107,31 +121,37 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW with MAE's parameter groups and schedule (docs/TRAINING.md)."""
+
     base_lr: float = 1.5e-4  # lr = base_lr * global image batch / 256
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_epochs: float = 40.0
-    min_lr: float = 0.0
-    clip_grad: float | None = None
+    weight_decay: float = 0.05  # AdamW weight decay (none on biases, norms, tokens, positions)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    warmup_epochs: float = 40.0  # linear warm-up from 0 to the peak lr
+    min_lr: float = 0.0  # end of the half-cycle cosine after warm-up
+    clip_grad: float | None = None  # gradient-norm clipping; null: none
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1600
+    """Schedule, batch split and logging."""
+
+    epochs: int = 1600  # length of the schedule (lr and progress follow it)
     global_batch: int = 4096  # images per optimiser step, over all ranks and accumulation
     micro_batch: int = 64  # images per rank per forward
     max_steps: int | None = None  # stop early (tests, benchmarks); the schedule still uses epochs
-    steps_per_epoch: int | None = None  # derived from the data when unset
-    log_every: int = 20
-    max_consecutive_skips: int = 10
+    steps_per_epoch: int | None = None  # synthetic backend's micro-batches per epoch (null: 100); shards: from the data
+    log_every: int = 20  # log, sync the ranks and act on stop signals every N steps
+    max_consecutive_skips: int = 10  # non-finite steps in a row before the run stops with exit 3
 
 
 @dataclass
 class EngineConfig:
-    zero_stage: int = 1
+    """The DeepSpeed engine: ZeRO stage, precision, compilation, communication tuning."""
+
+    zero_stage: int = 1  # DeepSpeed ZeRO stage, 0-3
     # auto: bf16 on GPU, fp32 on CPU. bf16: DeepSpeed's bf16 mode (the whole module in bf16, fp32 master
     # copy in the optimiser); amp: fp32 weights and buffers, the forward under bf16 autocast (docs/PERFORMANCE.md)
-    precision: Literal["auto", "bf16", "amp", "fp32"] = "auto"
+    precision: Literal["auto", "bf16", "amp", "fp32"] = "auto"  # training precision (mimae_scale/precision.py)
     compile: bool = False  # torch.compile each transformer block (model.compile_blocks); not fingerprinted
     # Communication tuning (docs/SCALING.md), passed to DeepSpeed's zero_optimization; null keeps
     # DeepSpeed's own default. Sizes are elements, not bytes.
@@ -143,33 +163,41 @@ class EngineConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 1000
-    every_minutes: float = 30.0
-    keep_last: int = 3
+    """When checkpoints are written and how many are kept (docs/CHECKPOINTS.md)."""
+
+    every_steps: int = 1000  # save every N optimiser steps
+    every_minutes: float = 30.0  # also save when this long has passed (rank 0's clock, at a log step)
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted
 
 
 @dataclass
 class KernelsConfig:
-    enabled: Literal["auto", "on", "off"] = "auto"
+    """The Triton kernels (docs/KERNELS.md)."""
+
+    enabled: Literal["auto", "on", "off"] = "auto"  # auto: kernels on CUDA tensors; on: always; off: references
 
 
 @dataclass
 class MetricsConfig:
-    enabled: bool = True
+    """Each rank's Prometheus exporter (docs/MONITORING.md, docs/METRICS.md)."""
+
+    enabled: bool = True  # serve the exporter
     port_base: int = 9410  # exporter of local rank r on port_base + r; 9400 is the DCGM exporter's default
-    bind_address: str = "127.0.0.1"
+    bind_address: str = "127.0.0.1"  # address the exporters listen on (0.0.0.0 for a central Prometheus)
     peak_tflops: float | None = None  # the data sheet's dense bf16 peak (second MFU); a per-GPU default when unset
     # MFU denominator: a bf16 matmul rate this GPU reaches. null: measured at start (flops.measure_matmul_tflops)
-    ceiling_tflops: float | None = None
+    ceiling_tflops: float | None = None  # MFU's denominator, TFLOP/s
     job: str = ""  # Prometheus `job` label; empty: $SLURM_JOB_NAME, else the run directory's name
 
 
 @dataclass
 class EvalConfig:
+    """The online kNN monitor during training (docs/EVALUATION.md)."""
+
     knn_every_epochs: int = 0  # online kNN monitor on data.val_shards; 0 = off
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    pool: Literal["cls", "mean"] = "mean"  # features of the kNN monitor and mimae-eval: cls token or patch mean
+    knn_k: int = 20  # neighbours that vote
+    knn_temperature: float = 0.07  # votes weighted exp(similarity / temperature)
+    pool: Literal["cls", "mean"] = "mean"  # the monitor's features: cls token or patch mean (mimae-eval: --pool)
 
 
 # The sections a resumed run must share with its checkpoint (everything else may change on resume);
@@ -184,21 +212,23 @@ def method_sections(config: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class Config:
-    run_dir: str = "runs/default"
-    seed: int = 0
-    deterministic: bool = False
-    model: ModelConfig = field(default_factory=ModelConfig)
-    mask: MaskConfig = field(default_factory=MaskConfig)
-    mi: MIConfig = field(default_factory=MIConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    kernels: KernelsConfig = field(default_factory=KernelsConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    """One run: the top-level keys and one section per concern."""
+
+    run_dir: str = "runs/default"  # where config.yaml, logs, metrics.jsonl and checkpoints/ go; keep it to resume
+    seed: int = 0  # initial weights, masks, augmentation and loader order
+    deterministic: bool = False  # torch's deterministic algorithms: a resumed run repeats its losses (CPU: bit for bit)
+    model: ModelConfig = field(default_factory=ModelConfig)  # encoder and decoder shapes
+    mask: MaskConfig = field(default_factory=MaskConfig)  # the K masks
+    mi: MIConfig = field(default_factory=MIConfig)  # InfoNCE and CLUB
+    loss: LossConfig = field(default_factory=LossConfig)  # weights of the loss terms
+    data: DataConfig = field(default_factory=DataConfig)  # input pipeline
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and the lr schedule
+    train: TrainConfig = field(default_factory=TrainConfig)  # schedule, batches, logging
+    engine: EngineConfig = field(default_factory=EngineConfig)  # DeepSpeed settings
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # checkpoint cadence
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)  # Triton kernels or references
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # Prometheus exporters
+    eval: EvalConfig = field(default_factory=EvalConfig)  # online kNN monitor
 
     @property
     def num_patches(self) -> int:
