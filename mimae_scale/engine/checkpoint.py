@@ -465,13 +465,20 @@ def _both_model_state_names(universal: Path) -> None:
 
 def load_universal(engine, universal: Path) -> tuple[str | None, dict[str, Any]]:
     """Load a universal copy into ``engine`` (configured with ``checkpoint.load_universal``), any ZeRO
-    stage 1-3 and number of ranks. DeepSpeed's ZeRO 3 loader gives every parameter group the settings
-    of the first one (weight decay included, so the no-decay group would decay): the groups keep the
-    settings this run built them with; the optimiser's state and step come from the checkpoint."""
+    stage 1-3 and number of ranks. Two things DeepSpeed's ZeRO 3 loader gets wrong are put right:
+    it gives every parameter group the settings of the first one (weight decay included, so the
+    no-decay group would decay), so the groups keep the settings this run built them with; and it
+    hands every group the *same* step tensor, which Adam then advances once per group and step (the
+    bias correction runs ahead), so each group gets its own copy. The optimiser's moments and step
+    come from the checkpoint."""
     settings = [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
     path, client = engine.load_checkpoint(str(universal), tag=".")
     for group, own in zip(engine.optimizer.param_groups, settings, strict=True):
         group.update(own)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer under ZeRO's wrapper
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
     return path, client
 
 
