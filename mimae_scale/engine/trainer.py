@@ -184,7 +184,7 @@ class Trainer:
         self.state.load(client, mine, tag_dir, skip=("loader",) if self.regroup else ())
         if self.regroup:
             self._continue_epoch(chosen, tag_dir)
-        elif self.relayout:
+        if chosen.zero_stage != self.cfg.engine.zero_stage:
             log.warning("ZeRO stage changed (%d -> %d): weights and optimiser state re-partitioned through the "
                         "universal checkpoint", chosen.zero_stage, self.cfg.engine.zero_stage)
         log.info("resumed from %s: step %d, epoch %d, %d images seen", tag_dir, self.step,

@@ -354,6 +354,7 @@ def test_resume_on_another_number_of_ranks(tmp_path, demo_data, stage):
     assert (f"layout changed (2 ranks -> 1) at step {stop}: epoch 1 goes on with its {left} samples not yet used "
             f"({240 - left} used before the stop; 0 read twice) in {10 - stop} steps") in one, one[-3000:]
     assert (run / "checkpoints" / tag_for(stop) / "universal" / MARKER).is_file()
+    assert ("ZeRO stage changed (3 -> 1)" in one) == (stage == 3)
     after = {r["step"]: r for r in records(run)[seen_before:]}
     assert sorted(after) == [stop + 1]  # the step goes on
     segments = [(2, False, stop - 5), (1, True, 2)]
@@ -362,6 +363,7 @@ def test_resume_on_another_number_of_ranks(tmp_path, demo_data, stage):
         assert job.wait() == 0, job.output[-4000:]
         assert ("layout changed (1 ranks -> 2) at step 9: epoch 1 goes on with its 48 samples not yet used "
                 "(192 used before the stop; 0 read twice) in 1 steps") in job.output, job.output[-3000:]
+        assert "ZeRO stage changed (1 -> 3)" in job.output
         after = {r["step"]: r for r in records(run)[seen_before:]}
         assert sorted(after) == [9, 10, 11]
         segments.append((2, True, 1))
