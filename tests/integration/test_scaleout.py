@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,15 +134,18 @@ class Job:
 
 
 def check_data_position(tag: Path, ranks: int) -> None:
-    """Each rank's part of checkpoint ``tag`` is there, and its loader stands where the step says:
-    step x accumulation micro-batches of 4 into the data (an epoch: its share of SAMPLES)."""
+    """Each rank's part of checkpoint ``tag`` is there, and the data position is where the step says,
+    on any layout: the epoch is step // steps-per-epoch, and the samples its ranks marked used (the
+    union of their bitmaps) are the step's images into that epoch."""
     assert sorted(p.name for p in tag.glob("mimae_rank*")) == [f"mimae_rank{r:05d}.pt" for r in range(ranks)]
     step = json.loads((tag / "mimae_complete.json").read_text())["step"]
-    per_epoch, accumulation = SAMPLES // (ranks * MICRO_BATCH), GLOBAL_BATCH // (ranks * MICRO_BATCH)
+    per_epoch = SAMPLES // GLOBAL_BATCH
+    used = np.zeros(SAMPLES, dtype=bool)
     for rank in range(ranks):
         loader = torch.load(tag / f"mimae_rank{rank:05d}.pt", weights_only=True)["loader"]
-        assert (loader["rank"], loader["world_size"]) == (rank, ranks), loader
-        assert loader["epoch"] * per_epoch + loader["batch_in_epoch"] == step * accumulation, (step, loader)
+        assert (loader["rank"], loader["world_size"], loader["epoch"]) == (rank, ranks, step // per_epoch), loader
+        used |= np.unpackbits(loader["seen"].numpy(), count=SAMPLES).astype(bool)
+    assert used.sum() == step % per_epoch * GLOBAL_BATCH, (step, used.sum())
 
 
 def check_one_curve(records: list[dict]) -> None:
@@ -243,10 +247,10 @@ def test_job_requeued_onto_one_node_continues(cluster, run):
     job.wait(lambda: "Prometheus targets:" in job.this_run(2), 60, "the one-node run's targets file")
     assert json.loads(targets.read_text()) == [
         {"targets": [f"node1:{METRICS_PORT}"], "labels": {"job": JOB_NAME, "node": "node1"}}]
-    # On another layout the interrupted epoch is replayed from its start (its per-rank data position
-    # does not carry over): step, data and images seen all go back to that epoch's first step.
+    # On another layout the new one goes on with the interrupted epoch's unused samples: the step,
+    # the images seen and the schedule go on from where two nodes stopped.
     per_epoch = SAMPLES // GLOBAL_BATCH
-    epoch, restart_step = stop1 // per_epoch, stop1 // per_epoch * per_epoch
+    epoch, used = stop1 // per_epoch, stop1 % per_epoch * GLOBAL_BATCH
     job.wait(lambda: "resumed from" in job.this_run(2), 300, "the one-node run's resume")
     job.wait(lambda: any(r["step"] > stop1 for r in log_records(run_dir)[len(before):]), 300,
              f"the one-node run past step {stop1}, where two nodes stopped")
@@ -254,16 +258,18 @@ def test_job_requeued_onto_one_node_continues(cluster, run):
     record = cluster.wait_for_state(job.id, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=120)
     assert record["JobState"] == "CANCELLED" and record["Restarts"] == "2", job.output()
     train_log = (run_dir / "train.log").read_text()
-    assert f"layout changed (2 ranks -> 1): resuming at the start of epoch {epoch}, step {restart_step}" in train_log
-    assert re.search(rf"resumed from \S+/step_0*{stop1}: step {restart_step}, epoch {epoch}, "
-                     rf"{restart_step * GLOBAL_BATCH} images seen", train_log), train_log
+    assert (f"layout changed (2 ranks -> 1) at step {stop1}: epoch {epoch} goes on with its {SAMPLES - used} "
+            f"samples not yet used ({used} used before the stop; 0 read twice) in {per_epoch - stop1 % per_epoch} "
+            "steps") in train_log, train_log[-3000:]
+    assert re.search(rf"resumed from \S+/step_0*{stop1}: step {stop1}, epoch {epoch}, "
+                     rf"{stop1 * GLOBAL_BATCH} images seen", train_log), train_log
 
-    # One curve per layout, the second going on from the first's epoch start; the loss goes on from
-    # where two ranks left it instead of starting over; the one rank's data position is its step's.
+    # One curve across the layouts; the loss goes on from where two ranks left it instead of
+    # starting over; the one rank's data position is its step's.
     records = log_records(run_dir)
-    check_one_curve(records[:len(before)])
+    check_one_curve(records)
     one_node = records[len(before):]
-    check_one_curve([r for r in records[:len(before)] if r["step"] <= restart_step] + one_node)
+    assert one_node[0]["step"] == before[-1]["step"] + LOG_EVERY, (before[-1], one_node[0])
     first, last_two_node, resumed = records[0]["loss"], before[-1]["loss"], one_node[0]["loss"]
     assert abs(resumed - last_two_node) < abs(resumed - first), (first, last_two_node, resumed)
     ckpt = run_dir / "checkpoints"
