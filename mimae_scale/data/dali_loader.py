@@ -240,7 +240,8 @@ class DaliLoader(ShardLoader):
                 "labels": to_device(labels_from_ascii(out["labels"]), self.device),
                 "valid": to_device(valid, self.device),
             }
-        self._next_epoch()
+        if self.train:  # eval resets its pipeline when the next pass starts, not before it is wanted
+            self._next_epoch()
 
     def _mark_batch(self, source: torch.Tensor, valid: torch.Tensor) -> None:
         infos = [bytes(row).rstrip(b"\0").decode() for row, ok in zip(source.numpy(), valid.tolist(), strict=True)
