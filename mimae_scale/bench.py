@@ -233,6 +233,59 @@ def cmd_checkpoint(args) -> int:
     return EXIT_OK
 
 
+def cmd_relayout(args) -> int:
+    """What resuming on another number of ranks costs on the data side, at ImageNet-1k's size: the
+    sample ids from the index files, the union of the old ranks' used-sample bitmaps, index files
+    for the rest of the epoch, and the per-sample lookup the DALI loader does for every image."""
+    import shutil
+
+    import numpy as np
+
+    from mimae_scale.data.samples import SampleIds, pack, unpack, write_remainder_indexes
+    from mimae_scale.data.shardset import ShardSet
+
+    root = Path(tempfile.mkdtemp(dir=args.dir))
+    try:
+        counts = [min(args.per_tar, args.samples - s) for s in range(0, args.samples, args.per_tar)]
+        tars, indexes = [], []
+        for t, n in enumerate(counts):  # index files as `mimae-shards index` writes them (the tars are not read)
+            lines = [f"jpg {512 + 4096 * i} 3000 {t:06d}{i:04d}.jpg cls {3584 + 4096 * i} 3 {t:06d}{i:04d}.cls"
+                     for i in range(n)]
+            indexes.append(str(root / f"train-{t:06d}.idx"))
+            Path(indexes[-1]).write_text(f"v1.2 {n}\n" + "\n".join(lines) + "\n")
+            tars.append(str(root / f"train-{t:06d}.tar"))
+        shards = ShardSet(tars, indexes, counts, 0, None)
+        t0 = time.perf_counter()
+        ids = SampleIds(shards)
+        t1 = time.perf_counter()
+        rng = np.random.default_rng(0)
+        owner = rng.integers(0, args.ranks, args.samples)  # each old rank used its share of half the epoch
+        used = rng.random(args.samples) < 0.5
+        states = [pack(used & (owner == r)) for r in range(args.ranks)]
+        t2 = time.perf_counter()
+        seen = np.zeros(args.samples, dtype=bool)
+        for state in states:
+            seen |= unpack(state, args.samples)
+        t3 = time.perf_counter()
+        _, written = write_remainder_indexes(ids, list(range(len(counts))), ~seen, root / "rest")
+        t4 = time.perf_counter()
+        probes = rng.integers(0, args.samples, args.lookups)
+        infos = [f"{tars[g // args.per_tar]}:{512 + 4096 * (g % args.per_tar)}:x.jpg" for g in probes]
+        t5 = time.perf_counter()
+        found = [ids.from_source_info(i) for i in infos]
+        t6 = time.perf_counter()
+        rest = sum(int(Path(f).read_text().split("\n", 1)[0].split()[1]) for f in written)
+    finally:
+        shutil.rmtree(root)
+    assert found == probes.tolist() and rest == int((~seen).sum()), "relayout bench: wrong ids"
+    print(f"{args.samples} samples in {len(counts)} index files; {args.ranks} old ranks, half the epoch used")
+    print(f"sample ids from the index files: {t1 - t0:.2f} s; bitmap per rank {states[0].numel() / 1e3:.0f} kB")
+    print(f"union of {args.ranks} ranks' bitmaps: {t3 - t2:.3f} s; index files for the {rest} samples left: "
+          f"{t4 - t3:.2f} s")
+    print(f"per-sample lookup (DALI source info -> id): {(t6 - t5) / args.lookups * 1e6:.1f} us")
+    return EXIT_OK
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimae-bench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -267,6 +320,14 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--ranks", type=int, default=8, help="ZeRO optimiser partitions (one file per rank)")
     c.add_argument("--dir", default=None, help="where to write it (default: the temporary directory)")
     c.set_defaults(func=cmd_checkpoint)
+
+    r = sub.add_parser("relayout", help="data-side cost of resuming on another number of ranks (ImageNet-1k size)")
+    r.add_argument("--samples", type=int, default=1_281_167, help="samples in the shard set")
+    r.add_argument("--per-tar", type=int, default=1000, help="samples per tar")
+    r.add_argument("--ranks", type=int, default=64, help="ranks of the layout that stopped")
+    r.add_argument("--lookups", type=int, default=100_000, help="source-info lookups timed")
+    r.add_argument("--dir", default=None, help="where to write the index files (default: the temporary directory)")
+    r.set_defaults(func=cmd_relayout)
     return p
 
 

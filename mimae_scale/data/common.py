@@ -104,8 +104,12 @@ class ShardLoader:
                 "labels": torch.zeros(b, dtype=torch.int64, device=self.device),
                 "valid": torch.zeros(b, dtype=torch.bool, device=self.device)}
 
-    def _mark_seen(self, ids: list[int], names: list[str]) -> None:
-        """The samples of a batch's real rows are used: mark them (and trace them, when asked)."""
+    @property
+    def tracing(self) -> bool:
+        return self._trace is not None
+
+    def _mark_seen(self, ids: list[int], names: list[str] | None) -> None:
+        """The samples of a batch's real rows are used: mark them (and trace ``names``, when tracing)."""
         self.seen[ids] = True
         if self._trace is not None:
             record = {"world_size": self.world_size, "epoch": self.epoch, "rest": self.remaining is not None,

@@ -246,7 +246,8 @@ class DaliLoader(ShardLoader):
     def _mark_batch(self, source: torch.Tensor, valid: torch.Tensor) -> None:
         infos = [bytes(row).rstrip(b"\0").decode() for row, ok in zip(source.numpy(), valid.tolist(), strict=True)
                  if ok]
-        self._mark_seen([self.ids.from_source_info(i) for i in infos], [source_key(i) for i in infos])
+        self._mark_seen([self.ids.from_source_info(i) for i in infos],
+                        [source_key(i) for i in infos] if self.tracing else None)
 
     def state_dict(self) -> dict[str, Any]:
         """{"backend": "dali", "epoch", "batch_in_epoch" (batches consumed in that epoch), "rank",

@@ -189,7 +189,8 @@ class WdsLoader(ShardLoader):
             real = len(samples)
             if self.train:
                 self._mark_seen([s["__id__"] for s in samples],
-                                [f"{s['__url__'].rsplit('/', 1)[-1]}/{s['__key__']}" for s in samples])
+                                [f"{s['__url__'].rsplit('/', 1)[-1]}/{s['__key__']}" for s in samples]
+                                if self.tracing else None)
             samples += [samples[-1]] * (self.batch_size - real)
             batch = self._batch(samples, first, real)
             self.batch_in_epoch += 1

@@ -23,6 +23,12 @@ def test_bench_shards_runs(capsys) -> None:
     assert "x the decode-only reference" in capsys.readouterr().out
 
 
+def test_bench_relayout_runs(capsys) -> None:
+    assert main(["relayout", "--samples", "2503", "--per-tar", "100", "--ranks", "3", "--lookups", "500"]) == 0
+    out = capsys.readouterr().out
+    assert "2503 samples in 26 index files" in out and "per-sample lookup" in out, out
+
+
 def test_bench_gpu_smoke_runs_every_section_on_the_cpu(tmp_path, capsys) -> None:
     """`mimae-bench gpu --device cpu --smoke`: all six sections at tiny sizes, each written to the JSON."""
     assert main(["gpu", "--device", "cpu", "--smoke", "--out", str(tmp_path)]) == 0
