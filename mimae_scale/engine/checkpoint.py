@@ -239,12 +239,17 @@ class TrainState:
         for part in (client, rank_state or {"format": FORMAT}):
             if part.get("format") != FORMAT:
                 raise CheckpointMismatch(f"{where}: format {part.get('format')!r}, this version reads {FORMAT!r}")
-        for name, component in self.replicated.items():
-            component.load_state_dict(client[name])
-        if rank_state is not None:
-            for name, component in self.per_rank.items():
-                if name not in skip:
-                    component.load_state_dict(rank_state[name])
+        # A component refuses a state it cannot continue (ValueError: e.g. the loader's shard set
+        # changed): the checkpoint is sound and this run does not fit it, not a damaged file to set aside.
+        try:
+            for name, component in self.replicated.items():
+                component.load_state_dict(client[name])
+            if rank_state is not None:
+                for name, component in self.per_rank.items():
+                    if name not in skip:
+                        component.load_state_dict(rank_state[name])
+        except ValueError as exc:
+            raise CheckpointMismatch(f"{where}: {name}: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from mimae_scale.engine import faults
 from mimae_scale.engine.checkpoint import (
     CONFIG_KEY,
     CheckpointManager,
+    CheckpointMismatch,
     Complete,
     RngStreams,
     RunConfig,
@@ -197,7 +198,10 @@ class Trainer:
         old = [torch.load(tag_dir / rank_file(r), map_location="cpu", weights_only=True)["loader"]
                for r in range(chosen.world_size)]
         steps_left = (old[0]["pass_batches"] - old[0]["batch_in_epoch"]) // self.accumulation_at_load
-        where = self.loader.continue_epoch(old, steps_left, self.accumulation)
+        try:
+            where = self.loader.continue_epoch(old, steps_left, self.accumulation)
+        except ValueError as exc:  # e.g. another shard set: this run does not fit the sound checkpoint
+            raise CheckpointMismatch(f"{tag_dir}: loader: {exc}") from None
         log.warning("layout changed (%d ranks -> %d) at step %d: epoch %d goes on with its %d samples not yet used "
                     "(%d used before the stop; %d read twice) in %d steps", chosen.world_size, self.env.world_size,
                     self.step, where["epoch"], where["left"], where["used"], where["repeated"],

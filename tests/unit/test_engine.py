@@ -273,6 +273,25 @@ def test_a_checkpoint_that_verifies_but_does_not_load_is_set_aside(tmp_path, wor
         manager.resume(_loader_into(other, root))
 
 
+class _Refusing(_Counter):
+    """A component that refuses the saved state, as a loader does when the shard set changed."""
+
+    def load_state_dict(self, state: dict) -> None:
+        raise ValueError("data loader state was saved with num_samples=240, this run has 300")
+
+
+def test_a_component_refusing_its_state_stops_the_run_and_keeps_the_checkpoint(tmp_path, world_of_one):
+    root = tmp_path / "checkpoints"
+    set_aside: list[str] = []
+    manager = ckpt.CheckpointManager(root, rank=0, keep_last=2, on_set_aside=set_aside.append)
+    manager.save(_FakeEngine(), 4, _state(4), _marker(4))
+    refusing = ckpt.TrainState()
+    refusing.register("counter", _Refusing(), replicated=True)
+    with pytest.raises(ckpt.CheckpointMismatch, match=r"step_000000004: counter: .*num_samples=240"):
+        manager.resume(_loader_into(refusing, root))
+    assert set_aside == [] and (root / "step_000000004" / ckpt.MARKER).is_file()  # sound: not set aside
+
+
 def test_rng_state_round_trip():
     import random
 
