@@ -40,7 +40,7 @@ import torch
 from mimae_scale.config import Config
 from mimae_scale.data.common import EVAL_CROP_FRACTION, ShardLoader, tar_order, to_device
 from mimae_scale.data.samples import source_key, write_remainder_indexes
-from mimae_scale.data.shardset import valid_mask
+from mimae_scale.data.shardset import padded_steps, valid_mask
 
 log = logging.getLogger(__name__)
 READER = "Reader"
@@ -224,7 +224,7 @@ class DaliLoader(ShardLoader):
     def __iter__(self):
         if self.batch_in_epoch >= self.pass_batches:  # a state saved at a pass's very end
             self._next_epoch()
-        reader_batches = -(-max(self.share_sizes) // self.batch_size)  # what DALI yields, padded
+        reader_batches = padded_steps(sum(self.share_sizes), self.world_size, self.batch_size)  # what DALI yields
         while self.batch_in_epoch < self.pass_batches:
             if self.batch_in_epoch >= reader_batches:  # a pass stretched to whole steps: padding only
                 self.batch_in_epoch += 1
@@ -250,9 +250,9 @@ class DaliLoader(ShardLoader):
                         [source_key(i) for i in infos] if self.tracing else None)
 
     def state_dict(self) -> dict[str, Any]:
-        """{"backend": "dali", "epoch", "batch_in_epoch" (batches consumed in that epoch), "rank",
-        "world_size", "num_samples", "pipeline": DALI checkpoint string of the epoch's pipeline (None
-        at an epoch's start or end)}; plain types, safe for ``torch.load(weights_only=True)``."""
+        """The shared position (``ShardLoader._position_state``: epoch, batches consumed in the pass,
+        layout, the epoch's used samples) and "pipeline": the DALI checkpoint string of the pass's
+        pipeline (None at a pass's start or end); safe for ``torch.load(weights_only=True)``."""
         at_edge = self.batch_in_epoch in (0, self.pass_batches) or self._iterator is None
         pipeline = self._resume_from if at_edge else self._iterator.checkpoints()[0]
         if not at_edge:
