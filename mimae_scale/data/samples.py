@@ -20,15 +20,7 @@ import numpy as np
 import torch
 from webdataset.tariterators import base_plus_ext
 
-from mimae_scale.data.shardset import REQUIRED_COMPONENTS, ShardSet
-
-
-def _index_entries(idx_path: str) -> list[list[str]]:
-    return [line.split() for line in Path(idx_path).read_text().splitlines()[1:] if line.strip()]
-
-
-def _usable(fields: list[str]) -> bool:
-    return all(ext in fields[0::4] for ext in REQUIRED_COMPONENTS)
+from mimae_scale.data.shardset import ShardSet, read_index
 
 
 class SampleIds:
@@ -38,10 +30,6 @@ class SampleIds:
         self.shards = shards
         self.bases = np.concatenate([[0], np.cumsum(shards.counts)]).astype(np.int64)
         self._tar_of = {tar: i for i, tar in enumerate(shards.tars)}
-        self._jpg_offsets: list[np.ndarray] = []  # per tar: the usable samples' .jpg offsets, ascending
-        for idx in shards.indexes:
-            offsets = [int(f[f.index("jpg") + 1]) for f in _index_entries(idx) if _usable(f)]
-            self._jpg_offsets.append(np.asarray(offsets, dtype=np.int64))
 
     @property
     def total(self) -> int:
@@ -51,7 +39,7 @@ class SampleIds:
         """The id of the sample DALI's webdataset reader reports as ``"<tar path>:<offset>:<name>"``."""
         tar, offset, _ = info.rsplit(":", 2)
         i = self._tar_of[tar]
-        offsets = self._jpg_offsets[i]
+        offsets = self.shards.jpg_offsets[i]
         j = int(np.searchsorted(offsets, int(offset)))
         if j == len(offsets) or offsets[j] != int(offset):
             raise ValueError(f"{tar}: no usable sample at offset {offset} in its index file")
@@ -89,7 +77,7 @@ def write_remainder_indexes(ids: SampleIds, order: list[int], remaining: np.ndar
         keep = remaining[ids.tar_ids(i)]
         if not keep.any():
             continue
-        usable = [f for f in _index_entries(ids.shards.indexes[i]) if _usable(f)]
+        usable, _ = read_index(Path(ids.shards.indexes[i]), "the rest of an epoch")
         lines = [" ".join(f) for f, k in zip(usable, keep, strict=True) if k]
         path = out / f"{i:06d}.idx"
         path.write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")

@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import braceexpand
+import numpy as np
 
 from mimae_scale.data_tools.index import index_path_for
 
@@ -30,16 +32,26 @@ class DataError(ValueError):
 class ShardSet:
     tars: list[str]
     indexes: list[str]
-    counts: list[int]  # usable samples per tar (having every required component)
+    # per tar: the .jpg offsets of its usable samples (every required component), in index order,
+    # which is the tar's order; a sample's identity (mimae_scale.data.samples)
+    jpg_offsets: list[np.ndarray]
     skipped: int  # samples in the indexes without a jpg or cls: readers skip them, metrics count them
     classes: list[str] | None  # from the manifest, when there is one
+
+    @cached_property
+    def counts(self) -> list[int]:
+        """Usable samples per tar."""
+        return [len(offsets) for offsets in self.jpg_offsets]
 
     @property
     def num_samples(self) -> int:
         return sum(self.counts)
 
 
-def _count_usable(idx_path: Path, where: str) -> tuple[int, int]:
+def read_index(idx_path: Path, where: str) -> tuple[list[list[str]], int]:
+    """(the usable entries of a DALI index file, each ``[ext, offset, size, name] * components``;
+    how many entries lack a required component). A :class:`DataError` naming ``where`` when the
+    file is not a DALI index."""
     try:
         lines = idx_path.read_text().splitlines()
         fields = [line.split() for line in lines[1:]]
@@ -48,8 +60,23 @@ def _count_usable(idx_path: Path, where: str) -> tuple[int, int]:
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"{where}: unreadable DALI index {idx_path}: {exc}; rewrite it with "
                         "`mimae-shards index`") from None
-    usable = sum(1 for f in fields if all(e in f[0::4] for e in REQUIRED_COMPONENTS))
-    return usable, len(fields) - usable
+    usable = [f for f in fields if all(e in f[0::4] for e in REQUIRED_COMPONENTS)]
+    return usable, len(fields) - len(usable)
+
+
+def jpg_offset(entry: list[str]) -> int:
+    """The .jpg component's offset in the tar, from a usable index entry."""
+    return int(entry[entry[0::4].index("jpg") * 4 + 1])
+
+
+def read_offsets(indexes: list[str], where: str) -> tuple[list[np.ndarray], int]:
+    """(per index file, the usable samples' .jpg offsets; entries skipped in all of them)."""
+    offsets, skipped = [], 0
+    for idx in indexes:
+        usable, bad = read_index(Path(idx), where)
+        offsets.append(np.asarray([jpg_offset(entry) for entry in usable], dtype=np.int64))
+        skipped += bad
+    return offsets, skipped
 
 
 def _check_tar(tar: str, where: str) -> None:
@@ -106,14 +133,10 @@ def resolve_shards(spec: str, field: str = "data.train_shards") -> ShardSet:
             f"{where}: missing DALI index {no_index[0]} ({len(no_index)} missing); "
             "write them with `mimae-shards index TAR...`"
         )
-    counts, skipped = [], 0
-    for idx in indexes:
-        usable, bad = _count_usable(Path(idx), where)
-        counts.append(usable)
-        skipped += bad
-    if sum(counts) == 0:
+    offsets, skipped = read_offsets(indexes, where)
+    if sum(len(o) for o in offsets) == 0:
         raise DataError(f"{where}: no usable samples (each needs .jpg and .cls)")
-    return ShardSet(tars, indexes, counts, skipped, classes)
+    return ShardSet(tars, indexes, offsets, skipped, classes)
 
 
 def shard_sizes(num_samples: int, world_size: int) -> list[int]:
