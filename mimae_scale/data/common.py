@@ -111,7 +111,7 @@ class ShardLoader:
     def _mark_seen(self, ids: list[int], names: list[str] | None) -> None:
         """The samples of a batch's real rows are used: mark them (and trace ``names``, when tracing)."""
         self.seen[ids] = True
-        if self._trace is not None:
+        if self.tracing:
             record = {"world_size": self.world_size, "epoch": self.epoch, "rest": self.remaining is not None,
                       "batch": self.batch_in_epoch, "samples": names}
             self._trace.write(json.dumps(record) + "\n")

@@ -88,15 +88,14 @@ class WdsLoader(ShardLoader):
         pos, taken = 0, 0
         for i in order:
             ids = self.ids.tar_ids(i) if self.train else range(self.shards.counts[i])
-            wanted = ids if self.remaining is None else [g for g in ids if self.remaining[g]]
-            if pos + len(wanted) <= start:  # the whole tar lies before this rank's share
-                pos += len(wanted)
+            in_pass = len(ids) if self.remaining is None else int(self.remaining[ids.start:ids.stop].sum())
+            if pos + in_pass <= start:  # the whole tar lies before this rank's share
+                pos += in_pass
                 continue
-            keep = set(wanted)
             usable = (s for s in wds.DataPipeline(wds.SimpleShardList([self.shards.tars[i]]),
                                                   wds.tarfile_to_samples()) if "jpg" in s and "cls" in s)
             for sample_id, sample in zip(ids, usable, strict=True):  # not usable ones: counted in shards.skipped
-                if sample_id not in keep:
+                if self.remaining is not None and not self.remaining[sample_id]:
                     continue
                 pos += 1
                 if pos <= start:
