@@ -39,14 +39,19 @@ def _block_matmul_params(width: int, mlp_ratio: float) -> int:
 
 
 def tokens_per_image(cfg: Config) -> int:
-    """Transformer tokens one image costs per step: K views x ((1+L) encoder + (1+N) decoder)."""
+    """Transformer tokens one image costs per step: K views x ((1+L) encoder + (1+N) decoder); a
+    classifier (fine-tuning, linear probe) runs the encoder once on all 1+N."""
     n = cfg.num_patches
+    if cfg.task != "pretrain":
+        return 1 + n
     visible = num_visible(n, cfg.mask.ratio)
     return cfg.mask.num_masks * ((1 + visible) + (1 + n))
 
 
 def train_flops_per_image(cfg: Config) -> float:
     """FLOPs of one training step (forward + backward) per image, by the convention above."""
+    if cfg.task != "pretrain":
+        return classifier_flops_per_image(cfg)
     m = cfg.model
     k = cfg.mask.num_masks
     n = cfg.num_patches
@@ -70,6 +75,20 @@ def train_flops_per_image(cfg: Config) -> float:
 
     attention = m.depth * k * enc_tokens**2 * m.embed_dim + m.decoder_depth * k * dec_tokens**2 * m.decoder_embed_dim
     return 6.0 * matmul + 12.0 * attention
+
+
+def classifier_flops_per_image(cfg: Config) -> float:
+    """Fine-tuning: the encoder on all 1+N tokens and the head, forward and backward (6 per parameter per
+    token). A linear probe's frozen encoder runs forward only (2, and 4 T^2 d for attention); its head 6."""
+    m = cfg.model
+    n, tokens = cfg.num_patches, 1 + cfg.num_patches
+    encoder = m.in_chans * m.patch_size**2 * m.embed_dim * n + m.depth * _block_matmul_params(m.embed_dim,
+                                                                                               m.mlp_ratio) * tokens
+    attention = m.depth * tokens**2 * m.embed_dim
+    head = 6.0 * m.embed_dim * cfg.finetune.num_classes
+    if cfg.task == "linprobe":
+        return 2.0 * encoder + 4.0 * attention + head
+    return 6.0 * encoder + 12.0 * attention + head
 
 
 def measure_matmul_tflops(device: torch.device, size: int = 8192, iters: int = 10) -> float:

@@ -124,7 +124,8 @@ def test_exporter_values_and_labels(seed):
         record = log_record(rng, step=10, epoch=1.25, skipped_samples=2)
         metrics.on_log(record)
         text_before_knn = http_get(f"http://127.0.0.1:{base + 1}/metrics")
-        metrics.on_log({**record, "skipped_samples": 5, "knn_top1": 0.375})  # the online kNN monitor ran
+        metrics.on_log({**record, "skipped_samples": 5, "knn_top1": 0.375,  # the online kNN monitor ran
+                        "val_top1": 0.625, "val_top5": 0.875, "ema_val_top1": 0.6875})  # and a classifier's
         completed = time.time()
         metrics.on_checkpoint(1.25, completed)
         text = http_get(f"http://127.0.0.1:{base + 1}/metrics")  # port_base + local rank
@@ -170,6 +171,11 @@ def test_exporter_values_and_labels(seed):
     assert _one(fam, "mimae_checkpoint_save_duration_seconds") == 1.25
     assert _one(fam, "mimae_knn_top1_ratio") == 0.375
     assert not _families(text_before_knn).get("mimae_knn_top1_ratio")  # no series before the monitor ran
+    assert _one(fam, "mimae_val_accuracy_ratio", k="1", weights="model") == 0.625
+    assert _one(fam, "mimae_val_accuracy_ratio", k="5", weights="model") == 0.875
+    assert _one(fam, "mimae_val_accuracy_ratio", k="1", weights="ema") == 0.6875
+    assert len(fam["mimae_val_accuracy_ratio"]) == 3  # no EMA top-5 was reported
+    assert not _families(text_before_knn).get("mimae_val_accuracy_ratio")
     assert _one(fam, "mimae_checkpoint_last_complete_timestamp_seconds") == completed
     info = fam["mimae_run_info"][0].labels
     assert (info["num_masks"], info["zero_stage"], info["world_size"]) == ("4", "1", "2")
