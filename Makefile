@@ -7,6 +7,8 @@
 #             (ZeRO 1, DALI CPU pipeline), print a summary, score both and a random initialisation with
 #             kNN and linear probes on the held-out split, draw the reconstructions. DEMO_ARGS adds
 #             key.sub=value settings to both runs (CI: DEMO_ARGS=train.max_steps=6).
+# make demo-finetune: after make demo, fine-tune and linearly probe its encoder through the same engine
+#             and print held-out top-1 (docs/FINETUNE.md); FT_ARGS adds settings (CI: FT_ARGS=train.max_steps=6).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -67,7 +69,7 @@ demo: $(STAMP)
 
 # After `make demo`: fine-tune, then linearly probe, the demo's pretrained MI-MAE (runs/demo/run) on its labelled
 # shards through the same engine (2 CPU ranks, DALI), MAE's recipes at the tiny size (docs/FINETUNE.md); each
-# prints its held-out top-1. FT_ARGS adds key.sub=value settings to both (CI: FT_ARGS=train.max_steps=6).
+# logs its held-out top-1, and the run summaries end it. FT_ARGS adds key.sub=value settings to both (CI: FT_ARGS=train.max_steps=6).
 FT_ARGS ?=
 FT_DATA = data.backend=dali data.train_shards=$(DEMO_DIR)/shards/train data.val_shards=$(DEMO_DIR)/shards/val \
 	finetune.init=$(DEMO_DIR)/run
@@ -80,6 +82,8 @@ demo-finetune: $(STAMP)
 		run_dir=$(DEMO_DIR)/finetune_run $(FT_ARGS)
 	$(DEMO_ENV) $(BIN)/deepspeed --num_gpus 2 mimae_scale/train.py --config linprobe_tiny $(FT_DATA) \
 		run_dir=$(DEMO_DIR)/linprobe_run $(FT_ARGS)
+	$(BIN)/python -m mimae_scale.engine.summary $(DEMO_DIR)/finetune_run
+	$(BIN)/python -m mimae_scale.engine.summary $(DEMO_DIR)/linprobe_run
 
 # The offline bundle for a fresh GPU machine (docs/GPU.md): BUNDLE_PYTHON=3.11 for a rehearsal here.
 device-bundle:

@@ -133,11 +133,11 @@ def _build_pipeline(
             )
             images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC)
             if rand_augment is not None:  # fine-tuning: on the uint8 crop, before normalisation (as timm)
-                with warnings.catch_warnings():  # DALI's own module uses its deprecated aliases
+                with warnings.catch_warnings():  # DALI's own RandAugment calls its deprecated aliases
                     warnings.simplefilter("ignore", DeprecationWarning)
                     from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
 
-                images = dali_rand_augment.rand_augment(images, **rand_augment)
+                    images = dali_rand_augment.rand_augment(images, **rand_augment)
             mirror = fn.random.coin_flip(probability=0.5) if d.hflip else 0
             images = fn.crop_mirror_normalize(
                 images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std, mirror=mirror

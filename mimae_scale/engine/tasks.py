@@ -14,6 +14,7 @@ import logging
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from mimae_scale.config import Config, ConfigError
@@ -56,6 +57,9 @@ class PretrainTask:
 
     def after_step(self, engine, step: int) -> None:
         pass
+
+    def synchronise(self, engine) -> None:
+        pass  # MI-MAE's buffers (the fixed positions) are the same on every rank
 
     def evaluate(self, engine, epochs_done: int, at_epoch_end: bool, final: bool) -> dict[str, float | int]:
         """Every ``eval.knn_every_epochs`` epochs: kNN top-1 of the encoder on ``data.val_shards``."""
@@ -160,6 +164,18 @@ class ClassifyTask:
     def after_step(self, engine, step: int) -> None:
         if self.ema is not None:
             self.ema.update(engine.module, step=step)
+
+    def synchronise(self, engine) -> None:
+        """Average the floating-point buffers (a probe's BatchNorm statistics) over the ranks. Each rank
+        updates its own from its own batches, and DeepSpeed, unlike DDP, never broadcasts buffers; the
+        trainer calls this before an evaluation and a save, so every rank evaluates and the checkpoint
+        holds the same statistics (a resumed run continues from exactly those)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        modules = [engine.module] + ([self.ema.module] if self.ema is not None else [])
+        for buffer in (b for m in modules for b in m.buffers() if b.is_floating_point()):
+            dist.all_reduce(buffer)
+            buffer.div_(dist.get_world_size())
 
     def evaluate(self, engine, epochs_done: int, at_epoch_end: bool, final: bool) -> dict[str, float | int]:
         """Top-1/top-5 on ``data.val_shards`` every ``finetune.eval_every_epochs`` epochs and at the end."""

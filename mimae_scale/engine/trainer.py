@@ -344,6 +344,7 @@ class Trainer:
     def _evaluate(self, epochs_done: int, at_epoch_end: bool) -> None:
         """The task's evaluation when due (kNN monitor; classifier top-1), on every rank, for the next log record."""
         final = self.step >= self.last_step
+        self.task.synchronise(self.engine)
         self.pending_eval = self.task.evaluate(self.engine, epochs_done, at_epoch_end, final) or self.pending_eval
 
     def _new_interval(self) -> Interval:
@@ -406,6 +407,7 @@ class Trainer:
                   "samples": self.step * cfg.train.global_batch,
                   "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         started = time.perf_counter()
+        self.task.synchronise(self.engine)  # every rank's buffers equal what the checkpoint holds
         self.ckpt.save(self.engine, self.step, self.state, marker)
         self.metrics.on_checkpoint(time.perf_counter() - started, time.time())
         self.last_save = time.monotonic()

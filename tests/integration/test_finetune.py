@@ -188,14 +188,20 @@ def test_linear_probe_trains_only_the_head_and_reports_top1(tmp_path, shards, pr
         if name.startswith(("blocks.", "patch_embed.", "cls_token", "norm.")):
             assert torch.equal(value, start[name]), name
     assert not torch.equal(ckpt.state_dict["head.1.weight"], torch.zeros_like(ckpt.state_dict["head.1.weight"]))
+    from mimae_scale.engine.summary import summarize
+
+    text = summarize(run)
+    assert f"linprobe of a ViT 64x2 (32 px / patch 4, 10 classes) from {pretrained}" in text
+    assert f"held-out top-1 by step: 6: {last['val_top1']:.4f}" in text
 
 
 # -- bad input: exit 2, one line naming the file and what differs, nothing written over -----------------
 
 
 def _digest(folder: Path) -> dict[str, str]:
+    """Every file's hash but train.log's, to which each attempt appends its own lines (the error too)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "train.log"}
 
 
 def train_py(config: str, *overrides: str) -> subprocess.CompletedProcess:
@@ -263,3 +269,15 @@ def test_bad_input_exits_2_with_one_line(tmp_path, shards, bad_inputs, case):
         assert text.format(**paths) in errors[0], errors[0]
     assert _digest(bad_inputs["pretrain_run"]) == before  # nothing written over
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+
+
+def test_a_classifier_checkpoint_is_refused_where_an_encoder_is_expected(bad_inputs, shards):
+    """mimae-eval scores pretrained encoders: a fine-tuned classifier is one line and exit 2."""
+    tool = Path(sys.executable).parent / "mimae-eval"
+    cmd = [str(tool), "knn", "--checkpoint", str(bad_inputs["classifier"]), "--train", str(shards / "train"),
+           "--val", str(shards / "val"), "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT,
+                          env={**clean_environ(), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == EXIT_CONFIG, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if "classifier checkpoint" in line]
+    assert len(lines) == 1 and str(bad_inputs["classifier"]) in lines[0], done.stderr[-2000:]
