@@ -74,8 +74,9 @@ class ClubConfig:
     reduction: Literal["mean", "sum"] = "mean"  # over x's dims: mean keeps w_min's strength independent of P
     # q's log-variance: null leaves it unbounded; a number c soft-caps it to (-c, c) by c*tanh(./c) (1: CLUB's Tanh)
     logvar_cap: float | None = None
-    # L_min's negatives: one random partner per row (CLUBSample) or every row, exact (diagonal Gaussian q)
-    negatives: Literal["sampled", "closed_form"] = "sampled"
+    # L_min's negatives: every row, exact (diagonal Gaussian q), or one random partner per row (CLUBSample);
+    # closed_form's gradient varies less at every level (python -m mimae_scale.club_bench, docs/METHOD.md)
+    negatives: Literal["sampled", "closed_form"] = "closed_form"
 
 
 @dataclass
