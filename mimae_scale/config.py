@@ -60,7 +60,8 @@ class MaskConfig:
 class ClubConfig:
     """CLUB's approximation network q(x|z) and how it is trained (docs/METHOD.md, "L_min")."""
 
-    level: Literal["token", "global"] = "token"  # pairs: visible token & its patch, or pooled view & small image
+    # pairs: visible token & its patch; pooled view & small image; image's latent (mean of its K views) & image
+    level: Literal["token", "global", "image"] = "token"
     hidden_dim: int = 512  # width of the approximation network's two MLPs (ours)
     global_size: int = 8  # `global` level: side of the down-sampled image z is paired with (ours)
     # q has its own optimiser (Adam, constant lr, no weight decay, no warm-up: CLUB's recipe) and takes
@@ -71,6 +72,11 @@ class ClubConfig:
     detach_logvar: bool = False  # L_min moves the encoder through q's mean only
     target: Literal["norm", "raw"] = "norm"  # x: per-patch normalised pixels (as the reconstruction) or raw
     reduction: Literal["mean", "sum"] = "mean"  # over x's dims: mean keeps w_min's strength independent of P
+    # q's log-variance: null leaves it unbounded; a number c soft-caps it to (-c, c) by c*tanh(./c) (1: CLUB's Tanh)
+    logvar_cap: float | None = None
+    # L_min's negatives: every row, exact (diagonal Gaussian q), or one random partner per row (CLUBSample);
+    # closed_form's gradient varies less at every level (python -m mimae_scale.club_bench, docs/METHOD.md)
+    negatives: Literal["sampled", "closed_form"] = "closed_form"
 
 
 @dataclass
@@ -451,6 +457,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(cfg.mi.club.global_size > 0, "mi.club.global_size", "must be positive")
     _check(cfg.mi.club.q_lr > 0, "mi.club.q_lr", "must be positive")
     _check(cfg.mi.club.q_steps >= 1, "mi.club.q_steps", "must be at least 1 (q must be fitted before L_min)")
+    cap = cfg.mi.club.logvar_cap
+    _check(cap is None or cap > 0, "mi.club.logvar_cap", f"must be positive or null, got {cap}")
     _check(cfg.loss.w_min_warmup_epochs >= 0, "loss.w_min_warmup_epochs", "must be >= 0")
 
     d = cfg.data

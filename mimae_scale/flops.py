@@ -19,6 +19,7 @@ import torch
 
 from mimae_scale.config import Config
 from mimae_scale.masking import num_visible
+from mimae_scale.model.club import club_x_dim
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's data sheets, matched against
 # torch.cuda.get_device_name(); the first matching entry wins, so specific names come first.
@@ -68,8 +69,8 @@ def train_flops_per_image(cfg: Config) -> float:
         matmul += (m.embed_dim * cfg.mi.proj_hidden_dim + cfg.mi.proj_hidden_dim * cfg.mi.proj_dim) * k
     if cfg.loss.w_min > 0:  # CLUB's q: its MLPs (mean, and log-variance unless fixed), q_steps fits + L_min
         club = cfg.mi.club
-        x_dim = patch_dim if club.level == "token" else m.in_chans * club.global_size**2
-        rows = k * (enc_tokens - 1) if club.level == "token" else k
+        x_dim = club_x_dim(cfg)
+        rows = {"token": k * (enc_tokens - 1), "global": k, "image": 1}[club.level]  # per image
         mlps = 2 if club.variance == "learned" else 1
         matmul += mlps * (club.q_steps + 1) * (m.embed_dim * club.hidden_dim + club.hidden_dim * x_dim) * rows
 

@@ -162,7 +162,7 @@ class TrainingMetrics:
                            "w_min*min) and each term (q: the CLUB critic's own NLL).", (*LABELS, "term"), registry=reg)
         # no series on runs without L_min
         self._club = Gauge("mimae_club", "CLUB critic health: q_gain (nats/dim a z-blind Gaussian's NLL exceeds "
-                           "q's; > 0: q uses z), logvar_mean, logvar_saturated (share at tanh's bound).",
+                           "q's; > 0: q uses z), logvar_mean, logvar_saturated (share at the logvar cap; 0 uncapped).",
                            (*LABELS, "stat"), registry=reg)
         self._loss_terms: dict[str, Any] = {}  # term -> labelled child, made at the first log (labels() is slow)
         self._lr = gauge("mimae_learning_rate", "Learning rate of the last step.")

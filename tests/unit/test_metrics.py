@@ -50,8 +50,9 @@ def test_flops_hand_count_vit_l16_k4():
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["mask.num_masks=1", "loss.w_max=0", "loss.w_min=0"], ["mi.club.level=global", "mask.strategy=independent"]],
-    ids=["mimae", "mae", "club-global"],
+    [[], ["mask.num_masks=1", "loss.w_max=0", "loss.w_min=0"], ["mi.club.level=global", "mask.strategy=independent"],
+     ["mi.club.level=image"]],
+    ids=["mimae", "mae", "club-global", "club-image"],
 )
 def test_flops_match_torch_flop_counter(overrides, gen):
     """torch's FlopCounterMode on the real model's forward + backward, with the convention's known
@@ -73,8 +74,8 @@ def test_flops_match_torch_flop_counter(overrides, gen):
     over = 2 * patch_dim * m.embed_dim * cfg.num_patches * batch  # no gradient for the input images
     if cfg.loss.w_min > 0:
         club = cfg.mi.club
-        x_dim = patch_dim if club.level == "token" else 3 * club.global_size**2
-        rows = (k * visible if club.level == "token" else k) * batch
+        x_dim = 3 * {"token": 4, "global": club.global_size, "image": 32}[club.level] ** 2
+        rows = {"token": k * visible, "global": k, "image": 1}[club.level] * batch
         # q's fits: z detached, no input gradient; L_min: q detached, no weight gradients (2 MLPs each)
         over += club.q_steps * 2 * 2 * m.embed_dim * club.hidden_dim * rows
         over += 2 * 2 * (m.embed_dim * club.hidden_dim + club.hidden_dim * x_dim) * rows
