@@ -61,7 +61,8 @@ def summarize(run_dir: Path) -> str:
         f"steps {first['step']}..{last['step']} (epoch {last['epoch']:.2f}), {last['samples']} images, "
         f"{last['images_per_s']:.1f} img/s at the end, skipped steps {last['skipped_steps']}",
         "loss terms, first -> last log step: " + ", ".join(
-            f"{TERMS.get(k, k)} {first[k]:.4f} -> {last[k]:.4f}" for k in sorted(first)
+            f"{TERMS.get(k, k) if task == 'pretrain' else 'soft-target cross-entropy'} {first[k]:.4f} -> "
+            f"{last[k]:.4f}" for k in sorted(first)
             if k.startswith("loss") and first[k] is not None and last[k] is not None),
         _club_health(steps) if "club_q_gain" in first else "",
         f"{'reconstruction loss' if task == 'pretrain' else 'loss'} by step: {curve}",

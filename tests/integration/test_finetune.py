@@ -102,8 +102,10 @@ def test_each_group_steps_with_the_schedule_times_its_layer_scale_under_zero_1_2
         for group in result[stage]["groups"]:
             assert group["lr"] == pytest.approx(lr * group["lr_scale"], rel=1e-12)
         for name, moved in result[stage]["moved"].items():
+            # |g| / (|g| + 1e-8) falls a little short of 1 where a whole tensor's gradients are tiny (the cls
+            # token's are ~1e-7 under average pooling); adjacent layers' lrs differ by 2x
             expected = lr * layer_scale(name, depth, 0.5)
-            assert moved == pytest.approx(expected, rel=2e-3), (stage, name, moved, expected)
+            assert moved == pytest.approx(expected, rel=0.03), (stage, name, moved, expected)
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
