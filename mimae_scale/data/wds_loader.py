@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mimae_scale.data.common import EVAL_CROP_FRACTION, ShardLoader, tar_order, to_device
 
@@ -65,6 +65,15 @@ def random_resized_crop_box(
     return left, top, left + w, top + h
 
 
+def _posterize(img: Image.Image, bits: int, **_) -> Image.Image:
+    """timm's posterize, also for 0 bits kept: an all-black image, as Pillow gave before version 13."""
+    if bits >= 8:
+        return img
+    if bits <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits)
+
+
 def timm_rand_augment(cfg) -> Callable[[Image.Image, int], Image.Image]:
     """timm's RandAugment (``finetune.rand_augment``) with the hyper-parameters timm's ``create_transform``
     gives it, applied as a pure function of (image, seed): timm draws from the global ``random`` and
@@ -76,6 +85,9 @@ def timm_rand_augment(cfg) -> Callable[[Image.Image, int], Image.Image]:
     hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(min(255, round(255 * m)) for m in cfg.data.mean),
                "interpolation": Image.Resampling.BICUBIC}
     transform = rand_augment_transform(cfg.finetune.rand_augment, hparams)
+    for op in transform.ops:  # timm's increasing posterize keeps 0 bits at magnitude 10, which Pillow 13 refuses
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize
     lock = threading.Lock()
 
     def apply(img: Image.Image, seed: int) -> Image.Image:

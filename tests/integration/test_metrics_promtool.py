@@ -22,12 +22,13 @@ def test_exporter_exposition_passes_promtool(seed):
         for i in range(rng.randint(3, 9)):
             metrics.on_step(timing(64, rng.uniform(0.01, 0.2), rng.uniform(0.0, 0.005), applied=i > 0,
                                    loss_finite=i != 1))
-        metrics.on_log({**log_record(rng, step=10, epoch=1.25, skipped_samples=2), "knn_top1": 0.375})
+        metrics.on_log({**log_record(rng, step=10, epoch=1.25, skipped_samples=2), "knn_top1": 0.375,
+                        "val_top1": 0.5, "val_top5": 0.75, "ema_val_top1": 0.5})  # a classifier's evaluation
         metrics.on_checkpoint(1.25, 1.0e9)
         text = http_get(f"http://127.0.0.1:{base}/metrics")
     finally:
         metrics.close()
-    assert "mimae_knn_top1_ratio" in text and "mimae_run_info" in text
+    assert "mimae_knn_top1_ratio" in text and "mimae_val_accuracy_ratio" in text and "mimae_run_info" in text
     checked = promtool_check_metrics(text)
     assert checked.returncode == 0 and not checked.stdout.strip() and not checked.stderr.strip(), checked
 

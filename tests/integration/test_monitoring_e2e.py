@@ -23,6 +23,7 @@ from tests.helpers.monitoring import (
     RATE_WINDOW,
     check_query,
     dashboard_queries,
+    grafana_substitute,
     is_dcgm,
     prometheus_config,
 )
@@ -145,3 +146,41 @@ def test_prometheus_scrapes_two_rank_training_and_answers_every_dashboard_query(
     assert codes == [EXIT_REQUEUE] * RANKS, f"exit codes {codes}\n{logs(tmp_path)}"
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records and records[-1]["step"] >= 4
+
+
+def test_top1_panel_answers_from_a_real_prometheus(tmp_path, seed):
+    """The held-out accuracy panel (fine-tuning, linear probe), through a real Prometheus that discovers
+    an exporter by the shipped configuration: the top-1/top-5 series of the model and its EMA, one each."""
+    import random
+
+    from mimae_scale.metrics import TrainingMetrics
+    from tests.helpers.metrics_inputs import log_record, tiny_metrics_config
+
+    require_prometheus()
+    rng = random.Random(seed)
+    job = f"ft-{uuid.uuid4().hex[:8]}"
+    port = free_port_block(1)
+    written = subprocess.run(["bash", str(MONITORING / "write_targets.sh"), str(tmp_path / "targets"), job, str(port),
+                              "1"], env={**os.environ, "MIMAE_TARGET_HOSTS": "127.0.0.1"}, capture_output=True,
+                             text=True, timeout=30)
+    assert written.returncode == 0, written.stderr
+    cfg = tiny_metrics_config(port, f"metrics.job={job}")
+    metrics = TrainingMetrics(cfg, rank=0, local_rank=0, world_size=1)
+    assert metrics.start(total_steps=40)
+    prom = PrometheusServer(prometheus_config(tmp_path), tmp_path)
+    try:
+        accuracy = {"val_top1": rng.uniform(0.2, 0.6), "val_top5": rng.uniform(0.6, 1.0),
+                    "ema_val_top1": rng.uniform(0.2, 0.6), "ema_val_top5": rng.uniform(0.6, 1.0)}
+        metrics.on_log({**log_record(rng, step=10, epoch=1.0, skipped_samples=0), **accuracy})
+        prom.wait_for(f'mimae_val_accuracy_ratio{{job="{job}"}}', count=4)
+        panel = [(t, q) for t, q in dashboard_queries() if "mimae_val_accuracy_ratio" in q["expr"]]
+        assert len(panel) == 1
+        title, target = panel[0]
+        check_query(prom, title, target, job, classifier_run=True)
+        got = {(s["metric"]["k"], s["metric"]["weights"]): float(s["value"][1])
+               for s in prom.query(grafana_substitute(target["expr"], job))}
+        assert got == pytest.approx({("1", "model"): accuracy["val_top1"], ("5", "model"): accuracy["val_top5"],
+                                     ("1", "ema"): accuracy["ema_val_top1"], ("5", "ema"): accuracy["ema_val_top5"]})
+    finally:
+        metrics.close()
+        prom.stop()

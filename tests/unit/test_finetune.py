@@ -167,6 +167,14 @@ def test_rand_augment_string_as_dali_arguments():
     assert rand_augment_args("") is None
 
 
+def test_webdataset_rand_augment_survives_its_strongest_magnitude():
+    """m10 without noise: timm's increasing posterize keeps 0 bits (Pillow 13 refuses that; we give black)."""
+    augment = timm_rand_augment(config("finetune_tiny", "finetune.rand_augment=rand-n8-m10-inc1"))
+    img = Image.fromarray(np.random.default_rng().integers(0, 256, size=(32, 32, 3), dtype=np.uint8))
+    for seed in range(40):
+        assert augment(img, seed).size == (32, 32)
+
+
 def test_webdataset_rand_augment_is_a_function_of_the_seed_and_leaves_global_generators_alone():
     augment = timm_rand_augment(config("finetune_tiny"))
     rng = np.random.default_rng()
@@ -300,3 +308,23 @@ def test_classifier_flops_match_torch_flop_counter(task):
     else:  # the frozen encoder's features need no gradient: the head's input gradient is not computed
         over = 2 * m.embed_dim * cfg.finetune.num_classes * batch
     assert counter.get_total_flops() == train_flops_per_image(cfg) * batch - over
+
+
+@pytest.mark.parametrize("backend", ["webdataset", "dali"])
+def test_loaders_apply_rand_augment_when_fine_tuning(tmp_path, backend):
+    """The same shards and seed: fine-tuning's RandAugment changes the training batches (and repeats them
+    for the same seed); the labels and the held-out crop do not change."""
+    from mimae_scale.data import build_train_loader
+    from tests.helpers.shard_helpers import write_id_shards
+
+    write_id_shards(tmp_path / "s", 16, 8, seed=random.randrange(1000))
+    common = [f"data.backend={backend}", f"data.train_shards={tmp_path / 's'}", "train.micro_batch=8",
+              "train.global_batch=8", "finetune.num_classes=16", "finetune.rand_augment=rand-n3-m9-inc1"]
+
+    def first_batch(*extra):
+        return next(iter(build_train_loader(config("finetune_tiny", *common, *extra), 0, 1, torch.device("cpu"))))
+
+    plain, augmented, again = first_batch("finetune.rand_augment="), first_batch(), first_batch()
+    assert torch.equal(plain["labels"], augmented["labels"])
+    assert not torch.equal(plain["images"], augmented["images"])
+    assert torch.equal(augmented["images"], again["images"])
