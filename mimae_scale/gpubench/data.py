@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from mimae_scale.bench_inputs import imagenet_like_tree, loader_batches
 from mimae_scale.gpubench import Context
 
 
@@ -30,12 +31,11 @@ def shards(ctx: Context) -> Path:
     """ImageNet-like JPEGs made into shards once per run (decode and train share them)."""
     if "shards" in ctx.shared:
         return ctx.shared["shards"]
-    from mimae_scale.bench import _imagenet_like_tree
     from mimae_scale.data_tools.build import BuildSettings, build
 
     count = 24 if ctx.smoke else 2048
     began = time.perf_counter()
-    _imagenet_like_tree(ctx.scratch / "jpegs", count)
+    imagenet_like_tree(ctx.scratch / "jpegs", count)
     out = ctx.scratch / "shards"
     build(ctx.scratch / "jpegs", out, BuildSettings(shard_size=max(10, count // 8)), workers=1 if ctx.smoke else 8,
           progress=False)
@@ -78,7 +78,6 @@ def _torchvision_batches(files: list[Path], cfg, batch: int, device: torch.devic
 
 
 def decode(ctx: Context) -> None:
-    from mimae_scale.bench import _loader_batches
     from mimae_scale.config import load_config
     from mimae_scale.data import build_train_loader
 
@@ -100,7 +99,7 @@ def decode(ctx: Context) -> None:
             break
         cfg = load_config("mimae_vit_b16", [*base, f"data.num_threads={num_threads}", f"data.hw_decoder_load={load}"])
         loader = build_train_loader(cfg, 0, 1, device)
-        rate = _measure(_loader_batches(loader), device, warmup, count)
+        rate = _measure(loader_batches(loader), device, warmup, count)
         ctx.result["dali"][f"threads={num_threads},hw_decoder_load={load}"] = rate
         ctx.record()
         ctx.log(f"  DALI threads {num_threads}, hw_decoder_load {load}: {rate:.0f} img/s ({rate / reference:.2f}x)")
