@@ -1,0 +1,87 @@
+"""Call 1 of docs/GPU.md rehearsed on the CPU, in a fresh environment that sees only a stand-in for
+the GPU image's packages (device/image_standin.py: torch, Triton, pip, ...; no project, DeepSpeed,
+pydantic or DALI), with bundles that are broken on purpose:
+
+- a corrupt DeepSpeed wheel: install.sh fails, and the env and kernels sections (and kernel-time)
+  are still in $OUT; the step section, which needs DeepSpeed, fails on its own;
+- a bundle built for another Python: install.sh stops with one line, the kernels still run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+@pytest.fixture(scope="module")
+def image_python(tmp_path_factory) -> Path:
+    """A fresh venv (no pip of its own) whose only packages are the image stand-in's."""
+    base = tmp_path_factory.mktemp("image")
+    venv = base / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, str(ROOT / "device" / "image_standin.py"), "--from", sys.prefix,
+                    str(base / "site")], check=True, capture_output=True)
+    purelib = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+    (purelib / "image.pth").write_text(f"{base / 'site'}\n")
+    return venv / "bin"
+
+
+def bundle(tmp_path: Path, python: str) -> Path:
+    out = tmp_path / "bundle"
+    (out / "wheels").mkdir(parents=True)
+    shutil.copy(ROOT / "device" / "install.sh", out / "install.sh")
+    (out / "MANIFEST").write_text(f"python {python}\n")
+    # not a zip at all: pip must reject it
+    (out / "wheels" / "deepspeed-0.19.8-py3-none-any.whl").write_bytes(b"deliberately broken\n")
+    return out
+
+
+def call(bin_dir: Path, bundle_dir: Path, out: Path, sections: str) -> subprocess.CompletedProcess:
+    out.mkdir()
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "OUT": str(out), "MIMAE_BUNDLE": str(bundle_dir),
+           "MIMAE_STAGE": str(out.parent / "stage"), "PIP_CONFIG_FILE": "/dev/null", "HOME": os.environ["HOME"],
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", "")}
+    return subprocess.run(["bash", "device/call.sh", sections, "300", "--device", "cpu", "--smoke"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=400)
+
+
+def sections_in(out: Path) -> dict:
+    (path,) = out.glob("*-cpu.json")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_call_1_with_a_broken_wheel_still_brings_back_the_kernel_proof(image_python, tmp_path) -> None:
+    assert subprocess.run([image_python / "python3", "-c", "import deepspeed"], capture_output=True).returncode
+    proc = call(image_python, bundle(tmp_path, PYTHON), tmp_path / "out", "env,kernels,step,kernel-time")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log[-3000:]
+    data = sections_in(tmp_path / "out")
+    assert data["install"]["exit_status"] not in (0, None), data["install"]
+    assert "deepspeed-0.19.8-py3-none-any.whl is invalid" in data["install"]["log_tail"]  # pip ran and refused it
+    status = {name: s["status"] for name, s in data["sections"].items()}
+    assert status == {"env": "ok", "kernels": "ok", "step": "error", "kernel-time": "ok"}, log[-3000:]
+    assert len(data["sections"]["kernels"]["result"]) == 2 * 2 * 7  # every check ran: shapes x dtypes x cases
+    assert data["sections"]["env"]["result"]["versions"]["deepspeed"] is None
+    assert (tmp_path / "out" / "install.log").read_text().endswith(f"exit status {data['install']['exit_status']}\n")
+
+
+@pytest.mark.slow
+def test_a_bundle_for_another_python_stops_install_sh_with_one_line(image_python, tmp_path) -> None:
+    proc = call(image_python, bundle(tmp_path, "3.9"), tmp_path / "out", "env,kernels")
+    install = (tmp_path / "out" / "install.log").read_text().splitlines()
+    assert len(install) == 2 and install[1] == "install.sh exit status 1", install
+    assert f"bundle is for Python 3.9, but python3 is {PYTHON}" in install[0]
+    assert not (tmp_path / "stage").exists()
+    data = sections_in(tmp_path / "out")
+    assert [s["status"] for s in data["sections"].values()] == ["ok", "ok"], proc.stdout[-2000:]
