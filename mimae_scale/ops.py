@@ -17,6 +17,7 @@ from types import ModuleType, SimpleNamespace
 import torch
 
 from mimae_scale import losses, masking
+from mimae_scale.config import ConfigError
 
 MODES = ("auto", "on", "off")
 Implementation = ModuleType | SimpleNamespace  # mimae_scale.kernels, or REFERENCE
@@ -33,9 +34,6 @@ REFERENCE = SimpleNamespace(
 
 def implementation(enabled: str, device: torch.device) -> Implementation:
     """The namespace whose functions the model calls for tensors on ``device``."""
-    # imported here: REFERENCE serves `mimae-bench gpu`'s kernel proof, which must run without pydantic
-    from mimae_scale.config import ConfigError
-
     if enabled not in MODES:
         raise ConfigError(f"kernels.enabled: must be one of {MODES}, got {enabled!r}")
     if enabled == "off" or (enabled == "auto" and device.type != "cuda"):

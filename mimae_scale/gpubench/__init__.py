@@ -18,9 +18,9 @@ comes first (env, kernels, step), then the timing of the kernels; DALI's decode 
 - ``train``: ``train.py`` of this checkout for 40 steps fed by DALI (webdataset where DALI is not
   installed): images/s and the data-wait share.
 
-env, kernels and kernel-time need only torch, Triton and this package (no DeepSpeed, pydantic or
-DALI): ``python -m mimae_scale.gpubench`` (device/call.sh) proves the kernels even where installing
-the rest failed, and ``--install-log`` records that failure in the JSON.
+env, kernels and kernel-time need only torch, Triton, PyYAML and this package (no DeepSpeed or
+DALI): device/call.sh proves the kernels even where installing the rest failed, and
+``--install-log`` records that failure in the JSON.
 
 ``--smoke`` runs every section at tiny shapes (with ``--device cpu``: on the CPU, kernels in
 Triton's interpreter, DALI's CPU pipeline); CI runs it. Exit status 1 when a section failed.
