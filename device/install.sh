@@ -38,7 +38,7 @@ while read -r kind name _ sha; do
   fi
 done < "$here/MANIFEST"
 if (( ${#missing[@]} )); then
-  echo "install.sh: DALI parts still to come: ${missing[*]}"
+  echo "install.sh: DALI not installed, parts not here: ${missing[*]} (docs/GPU.md: DALI is not in the plan)"
 elif ! "$py" -c "import nvidia.dali" 2>/dev/null; then
   [[ -d $stage/wheels ]] || { echo "install.sh: wheels/ never arrived (call 1 carries it)" >&2; exit 1; }
   rm -rf "$stage/dali"

@@ -221,6 +221,7 @@ def main(args: argparse.Namespace) -> int:
                 continue
             began = time.perf_counter()
             ctx.log(f"section {name} ...")
+            results.write()  # "running": a run killed in this section says where it stopped
             try:
                 sections[name](ctx)
                 entry["status"] = "ok"

@@ -77,6 +77,25 @@ def test_call_1_with_a_broken_wheel_still_brings_back_the_kernel_proof(image_pyt
 
 
 @pytest.mark.slow
+def test_a_call_cut_off_at_its_limit_still_brings_back_what_finished(tmp_path) -> None:
+    """The project's own environment, a bundle with nothing to install, and a limit the kernels
+    cannot meet (full shapes in Triton's interpreter): env is in $OUT, kernels as far as it got."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "bundle").mkdir()
+    shutil.copy(ROOT / "device" / "install.sh", tmp_path / "bundle" / "install.sh")
+    (tmp_path / "bundle" / "MANIFEST").write_text(f"python {PYTHON}\n")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OUT": str(out),
+           "MIMAE_BUNDLE": str(tmp_path / "bundle"), "MIMAE_STAGE": str(tmp_path / "stage")}
+    proc = subprocess.run(["bash", "device/call.sh", "env,kernels", "50", "--device", "cpu"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 124, proc.stdout[-2000:] + proc.stderr[-2000:]  # timeout's: the bench was killed
+    data = sections_in(out)
+    assert data["install"]["ok"] and data["sections"]["env"]["status"] == "ok"
+    assert data["sections"]["kernels"]["status"] == "running"  # cut off: the JSON says where
+
+
+@pytest.mark.slow
 def test_a_bundle_for_another_python_stops_install_sh_with_one_line(image_python, tmp_path) -> None:
     proc = call(image_python, bundle(tmp_path, "3.9"), tmp_path / "out", "env,kernels")
     install = (tmp_path / "out" / "install.log").read_text().splitlines()
