@@ -4,7 +4,9 @@ pydantic or DALI), with bundles that are broken on purpose:
 
 - a corrupt DeepSpeed wheel: install.sh fails, and the env and kernels sections (and kernel-time)
   are still in $OUT; the step section, which needs DeepSpeed, fails on its own;
-- a bundle built for another Python: install.sh stops with one line, the kernels still run.
+- a bundle built for another Python: install.sh stops with one line, the kernels still run;
+- a call cut off at its limit still brings back what finished;
+- the sections in-process with DeepSpeed, pydantic, webdataset and DALI unimportable.
 """
 
 from __future__ import annotations
@@ -104,3 +106,25 @@ def test_a_bundle_for_another_python_stops_install_sh_with_one_line(image_python
     assert not (tmp_path / "stage").exists()
     data = sections_in(tmp_path / "out")
     assert [s["status"] for s in data["sections"].values()] == ["ok", "ok"], proc.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_the_kernel_proof_runs_without_the_bundle_and_records_a_failed_install(tmp_path) -> None:
+    """`mimae-bench gpu` with DeepSpeed, pydantic, webdataset and DALI unimportable (what a failed
+    install leaves on the GPU image)."""
+    log = tmp_path / "install.log"
+    log.write_text("ERROR: Wheel 'deepspeed' is invalid\ninstall.sh exit status 1\n")
+    blocked = ["deepspeed", "pydantic", "webdataset", "nvidia.dali"]
+    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); from mimae_scale.bench import main; "
+            f"sys.exit(main(['gpu', '--device', 'cpu', '--smoke', '--only', 'env,kernels,step', "
+            f"'--out', {str(tmp_path)!r}, '--install-log', {str(log)!r}]))")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]  # the install and step failed
+    assert "install FAILED (exit status 1)" in proc.stdout
+    data = json.loads(next(tmp_path.glob("*-cpu.json")).read_text())
+    assert data["install"]["exit_status"] == 1 and not data["install"]["ok"]
+    sections = data["sections"]
+    assert sections["env"]["status"] == "ok" and sections["kernels"]["status"] == "ok"
+    assert sections["step"]["status"] == "error" and "deepspeed" in sections["step"]["error"]

@@ -72,8 +72,12 @@ def test_info_nce_on_bf16_is_the_tf32_case() -> None:
     assert loss_tolerance("info_nce", torch.float32) == loss_tolerance("norm_pix_mse", torch.bfloat16) == LOSS_TOL
 
 
+# one shape per distinct InfoNCE problem (rows, width, K): vit_h's is vit_b's
+INFO_NCE_SHAPES = sorted({(s["R_mi"], s["Dz"], s["K"]): name for name, s in sorted(FULL_SHAPES.items())}.values())
+
+
 @pytest.mark.parametrize("rounding", ["nearest", "truncate"])
-@pytest.mark.parametrize("shape_name", sorted(FULL_SHAPES))
+@pytest.mark.parametrize("shape_name", INFO_NCE_SHAPES)
 def test_the_bf16_info_nce_tolerance_holds_with_tf32(shape_name: str, rounding: str) -> None:
     err = tf32_error(FULL_SHAPES[shape_name], rounding)
     print(f"{shape_name} {rounding}: TF32 error {err:.2e}, tolerance {LOSS_TOL_TF32:.0e} ({LOSS_TOL_TF32 / err:.0f}x)")
