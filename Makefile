@@ -9,6 +9,9 @@
 #             key.sub=value settings to both runs (CI: DEMO_ARGS=train.max_steps=6).
 # make demo-finetune: after make demo, fine-tune and linearly probe its encoder through the same engine
 #             and print held-out top-1 (docs/FINETUNE.md); FT_ARGS adds settings (CI: FT_ARGS=train.max_steps=6).
+# make aot-triton36: every kernel variant `mimae-bench gpu` launches, compiled for sm_90 (no GPU) with
+#             Triton 3.6, the GPU image's, in .venv-triton36 (that Triton, the rest from .venv);
+#             CI compiles them with the installed Triton (tests/integration/test_kernels_aot.py).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -23,7 +26,7 @@ TEST_ENV := TRITON_INTERPRET=1 TORCH_EXTENSIONS_DIR=$(EXT_DIR)
 # forever; nothing builds before a target starts, so any lock found then is stale.
 CLEAR_STALE_LOCKS := find $(EXT_DIR) -name lock -delete 2>/dev/null || true
 
-.PHONY: setup test test-fast lint clean demo demo-finetune device-bundle
+.PHONY: setup test test-fast lint clean demo demo-finetune device-bundle aot-triton36
 
 DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
@@ -89,5 +92,21 @@ demo-finetune: $(STAMP)
 device-bundle:
 	bash device/bundle.sh
 
+# Triton 3.6 first on the path, torch and the rest from .venv (a .pth line after its own
+# site-packages); the checkout's mimae_scale from the working directory. --expect-triton fails the
+# target if another Triton were imported.
+TRITON36 := .venv-triton36
+TRITON36_STAMP := $(TRITON36)/.installed
+PURELIB := import sysconfig; print(sysconfig.get_path("purelib"))
+
+$(TRITON36_STAMP): $(STAMP)
+	test -x $(TRITON36)/bin/python || $(PYTHON) -m venv $(TRITON36)
+	$(TRITON36)/bin/python -m pip install -q 'triton==3.6.*'
+	$(BIN)/python -c '$(PURELIB)' > "$$($(TRITON36)/bin/python -c '$(PURELIB)')/project-venv.pth"
+	touch $(TRITON36_STAMP)
+
+aot-triton36: $(TRITON36_STAMP)
+	env -u TRITON_INTERPRET $(TRITON36)/bin/python -m mimae_scale.kernels.aot_check --expect-triton 3.6.
+
 clean:
-	rm -rf $(VENV) .cache .pytest_cache
+	rm -rf $(VENV) $(TRITON36) .cache .pytest_cache

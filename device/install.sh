@@ -5,10 +5,19 @@
 #   wheels/ carried (call 1): DeepSpeed, webdataset, prometheus-client and the project (no DALI yet)
 #   every part of MANIFEST staged (last call): DALI, then an import of everything the project needs
 # Nothing is fetched: pip runs with --no-index, from the bundle and what the image already has.
+# A bundle built for another Python (MANIFEST's first line) is refused before anything is installed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 py=${PYTHON:-python3}
 stage=${MIMAE_STAGE:-/tmp/mimae_stage}
+# The bundle's binary wheels (pydantic-core, DALI) are for one CPython: refuse any other, in one line.
+[[ -f $here/MANIFEST ]] || { echo "install.sh: $here/MANIFEST missing: not a bundle of make device-bundle" >&2; exit 1; }
+want=$(awk '$1 == "python" {print $2}' "$here/MANIFEST")
+have=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+if [[ $want != "$have" ]]; then
+  echo "install.sh: $here/MANIFEST says the bundle is for Python ${want:-?}, but $py is $have: rebuild with BUNDLE_PYTHON=$have make device-bundle" >&2
+  exit 1
+fi
 mkdir -p "$stage/parts"
 pip_offline() { "$py" -m pip install -q --no-index --no-cache-dir --disable-pip-version-check "$@"; }
 
@@ -29,7 +38,7 @@ while read -r kind name _ sha; do
   fi
 done < "$here/MANIFEST"
 if (( ${#missing[@]} )); then
-  echo "install.sh: DALI parts still to come: ${missing[*]}"
+  echo "install.sh: DALI not installed, parts not here: ${missing[*]} (docs/GPU.md: DALI is not in the plan)"
 elif ! "$py" -c "import nvidia.dali" 2>/dev/null; then
   [[ -d $stage/wheels ]] || { echo "install.sh: wheels/ never arrived (call 1 carries it)" >&2; exit 1; }
   rm -rf "$stage/dali"

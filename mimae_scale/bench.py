@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from mimae_scale.bench_inputs import imagenet_like_tree, loader_batches
 from mimae_scale.config import load_config
 from mimae_scale.exit_codes import EXIT_OK
 
@@ -58,11 +59,6 @@ def _reference_batches(tars: list[str], size: int, batch: int, cfg) -> Iterator[
     )
     while True:
         yield from (imgs for imgs, _ in ds)
-
-
-def _loader_batches(loader) -> Iterator[torch.Tensor]:
-    while True:
-        yield from (b["images"] for b in loader)
 
 
 def _measure(batches: Iterator[torch.Tensor], warmup: int, count: int) -> tuple[float, float, int]:
@@ -105,7 +101,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         }
         for backend in args.backends.split(","):
             cfg = load_config("tiny", [*overrides, f"data.backend={backend}"])
-            runs[f"{backend} ({device.type}, {args.threads} threads)"] = lambda cfg=cfg: _loader_batches(
+            runs[f"{backend} ({device.type}, {args.threads} threads)"] = lambda cfg=cfg: loader_batches(
                 build_train_loader(cfg, 0, 1, device)
             )
         # One torch thread: the reference's per-image tensor ops must not fight the pipelines' threads.
@@ -131,25 +127,6 @@ def cmd_data(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _imagenet_like_tree(root: Path, count: int) -> list[Path]:
-    """JPEGs of ImageNet's typical size (350-500 x 300-400 px), smooth content plus grain."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(count):
-        w, h = int(rng.integers(350, 500)), int(rng.integers(300, 400))
-        coarse = Image.fromarray(rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8))
-        pixels = np.asarray(coarse.resize((w, h), Image.Resampling.BICUBIC)).astype(np.int16)
-        pixels += rng.integers(-20, 20, (h, w, 3), dtype=np.int16)
-        path = root / f"n{i % 10:08d}" / f"{i}.JPEG"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90, progressive=i % 10 == 0)
-        paths.append(path)
-    return paths
-
-
 def cmd_shards(args: argparse.Namespace) -> int:
     import os
 
@@ -158,7 +135,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
     from mimae_scale.data_tools.build import BuildSettings, build
 
     with tempfile.TemporaryDirectory() as tmp:
-        paths = _imagenet_like_tree(Path(tmp) / "src", args.images)
+        paths = imagenet_like_tree(Path(tmp) / "src", args.images)
         mb = sum(p.stat().st_size for p in paths) / 1e6
         print(f"{len(paths)} generated JPEGs, {mb:.1f} MB, 10% progressive")
 

@@ -26,13 +26,12 @@ from mimae_scale.config import Config
 from mimae_scale.evaluation.checkpoint import CheckpointError, load_checkpoint
 from mimae_scale.exit_codes import EXIT_CONFIG, EXIT_OK
 from mimae_scale.fileio import atomic_path
+from mimae_scale.timm_spec import timm_model_spec
 
 ENCODER_PARAMS = ("cls_token", "pos_embed")
 ENCODER_MODULES = ("patch_embed.", "blocks.", "norm.")
 DECODER_PARAMS = ("mask_token", "decoder_pos_embed")
 DECODER_MODULES = ("decoder_embed.", "decoder_blocks.", "decoder_norm.", "decoder_pred.")
-# (embed_dim, depth, num_heads) of timm's named ViT sizes
-TIMM_SIZES = {(768, 12, 12): "base", (1024, 24, 16): "large", (1280, 32, 16): "huge"}
 
 
 def _select(state_dict: dict[str, torch.Tensor], params: tuple[str, ...], modules: tuple[str, ...]) -> dict:
@@ -48,24 +47,6 @@ def encoder_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
 def mae_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Encoder and decoder under MAE's ``models_mae`` names (ours are the same)."""
     return _select(state_dict, ENCODER_PARAMS + DECODER_PARAMS, ENCODER_MODULES + DECODER_MODULES)
-
-
-def timm_model_spec(cfg: Config) -> tuple[str, dict[str, Any]]:
-    """timm model name and the arguments it needs besides ``num_classes=0``.
-
-    A standard shape maps to its own name (``vit_large_patch16_224``) with no arguments; any other
-    shape (the tiny CPU model) is timm's VisionTransformer built with explicit arguments.
-    """
-    import timm
-
-    m = cfg.model
-    size = TIMM_SIZES.get((m.embed_dim, m.depth, m.num_heads))
-    name = f"vit_{size}_patch{m.patch_size}_{m.img_size}"
-    if size and m.mlp_ratio == 4.0 and m.in_chans == 3 and timm.is_model(name):
-        return name, {}
-    args = {"img_size": m.img_size, "patch_size": m.patch_size, "in_chans": m.in_chans, "embed_dim": m.embed_dim,
-            "depth": m.depth, "num_heads": m.num_heads, "mlp_ratio": m.mlp_ratio}
-    return "vit_base_patch16_224", args
 
 
 def create_timm_model(cfg: Config) -> torch.nn.Module:

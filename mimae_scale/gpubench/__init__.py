@@ -2,19 +2,25 @@
 
 Sections run in this order; each one's result is written to ``<out>/<date>-<device>.json`` as soon
 as it finishes (the file is rewritten atomically and merged with one already there for the same
-day and device, so three calls on one machine fill one file, and a run cut short keeps what it did):
+day and device, so several runs fill one file, and a run cut short keeps what it did). The proof
+comes first (env, kernels, step), then the timing of the kernels; DALI's decode and train.py last:
 
 - ``env``: versions, device, driver, processors.
 - ``kernels``: the six Triton kernels forward and backward, fp32 and bf16, at the ViT-B/L/H shapes
   and odd ones, against float64 math, every output buffer poisoned with NaN first.
-- ``kernel-time``: each kernel's forward and backward time beside the plain-PyTorch reference and
-  the byte floor (bytes of the dtypes actually used / device copy bandwidth measured here).
 - ``step``: the real ``Trainer.train_step`` through DeepSpeed on a device-resident batch for MI-MAE
   and MAE at ViT-B and ViT-L, in both precision modes (and compiled), beside a plain-PyTorch step
   and a bf16 matmul ceiling measured in the same process.
+- ``kernel-time``: each kernel's forward and backward time beside the plain-PyTorch reference and
+  the byte floor (bytes of the dtypes actually used / device copy bandwidth measured here).
 - ``decode``: DALI mixed decode through the project's pipeline, threads x ``hw_decoder_load``,
-  beside torchvision's GPU decode of the same JPEGs.
-- ``train``: ``train.py`` for 40 steps fed by DALI: images/s and the data-wait share.
+  beside torchvision's GPU decode of the same JPEGs (torchvision's alone where DALI is not installed).
+- ``train``: ``train.py`` of this checkout for 40 steps fed by DALI (webdataset where DALI is not
+  installed): images/s and the data-wait share.
+
+env, kernels and kernel-time need only torch, Triton, PyYAML and this package (no DeepSpeed or
+DALI): device/call.sh proves the kernels even where installing the rest failed, and
+``--install-log`` records that failure in the JSON.
 
 ``--smoke`` runs every section at tiny shapes (with ``--device cpu``: on the CPU, kernels in
 Triton's interpreter, DALI's CPU pipeline); CI runs it. Exit status 1 when a section failed.
@@ -39,7 +45,7 @@ import torch
 
 from mimae_scale.fileio import write_json_atomic
 
-SECTIONS = ("env", "kernels", "kernel-time", "step", "decode", "train")
+SECTIONS = ("env", "kernels", "step", "kernel-time", "decode", "train")
 
 
 @dataclass
@@ -55,6 +61,7 @@ class Context:
     result: dict[str, Any] = field(default_factory=dict)
     shared: dict[str, Any] = field(default_factory=dict)
     deadline: float | None = None  # time.monotonic() after which no new measurement starts
+    ends_at: float | None = None  # time.monotonic() by which the whole run must have ended (--deadline-s)
 
     def out_of_time(self) -> bool:
         """True once past --time-limit-s: the section records where it stopped and returns."""
@@ -62,6 +69,10 @@ class Context:
             return False
         self.result["stopped"] = "time limit (--time-limit-s): the rest was not measured"
         return True
+
+    def seconds_left(self) -> float | None:
+        """Seconds until --deadline-s (None without one): what a subprocess may still be given."""
+        return None if self.ends_at is None else self.ends_at - time.monotonic()
 
     def log(self, message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -87,6 +98,16 @@ class ResultsFile:
     def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.path, self.data, default=str)
+
+
+def read_install_log(path: Path) -> dict[str, Any]:
+    """device/call.sh's record of install.sh: its last line is "install.sh exit status N"."""
+    if not path.is_file():
+        return {"ok": False, "exit_status": None, "log_tail": f"{path}: no such file"}
+    text = path.read_text(errors="replace")
+    status = re.search(r"install\.sh exit status (\d+)\s*$", text)
+    code = int(status.group(1)) if status else None
+    return {"ok": code == 0, "exit_status": code, "log": str(path), "log_tail": text[-3000:]}
 
 
 def env_section(ctx: Context) -> None:
@@ -152,9 +173,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-compile", default="mimae_l", help="step configs also run with engine.compile=true")
     p.add_argument("--time-limit-s", type=float, default=None,
                    help="start no new measurement after this many seconds (what was measured is kept)")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="the run is killed this many seconds after its start (the device call's limit): "
+                        "a subprocess (train.py) is given only what is left")
+    p.add_argument("--install-log", type=Path, default=None,
+                   help="install.sh's output (device/call.sh): recorded in the JSON, a failure included")
 
 
 def main(args: argparse.Namespace) -> int:
+    started = time.monotonic()
     only, skip = _names(args.only), _names(args.skip)
     wanted = [s for s in SECTIONS if (not only or s in only) and s not in skip]
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -167,12 +194,20 @@ def main(args: argparse.Namespace) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels on CPU tensors run interpreted
     options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     results = ResultsFile(Path(args.out), device, options)
-    sections = _sections()
     failed = []
+    if args.install_log is not None:  # recorded before any section: a run killed later still has it
+        install = results.data["install"] = read_install_log(args.install_log)
+        results.write()
+        if not install["ok"]:
+            failed.append("install")
+            print(f"install FAILED (exit status {install['exit_status']}), see {args.install_log}; the sections "
+                  "run anyway", flush=True)
+    sections = _sections()
     with tempfile.TemporaryDirectory(prefix="mimae-bench-") as scratch:
-        deadline = time.monotonic() + args.time_limit_s if args.time_limit_s else None
+        deadline = started + args.time_limit_s if args.time_limit_s else None
+        ends_at = started + args.deadline_s if args.deadline_s else None
         ctx = Context(device=device, smoke=args.smoke, scratch=Path(scratch), args=args, record=results.write,
-                      deadline=deadline)
+                      deadline=deadline, ends_at=ends_at)
         ctx.log(f"mimae-bench gpu on {device} ({'smoke' if args.smoke else 'full'}): {', '.join(wanted)}; "
                 f"results in {results.path}")
         for name in wanted:
@@ -186,6 +221,7 @@ def main(args: argparse.Namespace) -> int:
                 continue
             began = time.perf_counter()
             ctx.log(f"section {name} ...")
+            results.write()  # "running": a run killed in this section says where it stopped
             try:
                 sections[name](ctx)
                 entry["status"] = "ok"

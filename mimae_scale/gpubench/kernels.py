@@ -2,7 +2,8 @@
 against the plain-PyTorch references' time and their own byte floors.
 
 Correctness follows tests/unit/test_kernels.py (same tolerances: max |kernel - float64| / max |float64|
-<= 2e-5 for float32, 8e-3 for bf16; losses 2e-5 relative to their terms' size), at the model's
+<= 2e-5 for float32, 8e-3 for bf16; losses 2e-5 relative to their terms' size, InfoNCE on bf16
+1e-4 for Hopper's TF32: LOSS_TOL_TF32), at the model's
 real per-GPU shapes as well as odd ones, with every kernel output allocated as NaN first so an
 element no program wrote cannot pass. The float64 loss oracles here are vectorised (the tests'
 loop forms would take minutes at 16k InfoNCE rows); the smoke run checks them against the kernels
@@ -35,6 +36,16 @@ SMOKE_SHAPES = {
 TIMED_SHAPES = ("vit_b", "vit_l")
 TOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3}
 LOSS_TOL = 2e-5
+# InfoNCE's bf16 launch multiplies in TF32 (kernels/info_nce.py: PRECISION), exact float32 in the
+# interpreter but 10 mantissa bits on Hopper: its loss, simulated with TF32 inputs at every bench
+# shape and 5 seeds, is off by up to 1.1e-5 (truncated) / 8e-7 (rounded to nearest), too close to 2e-5;
+# tests/unit/test_tf32_tolerance.py holds the margin to this at 5x or more.
+LOSS_TOL_TF32 = 1e-4
+
+
+def loss_tolerance(name: str, dtype: torch.dtype) -> float:
+    """The relative tolerance of a loss kernel's value: TF32's for InfoNCE on 16-bit inputs."""
+    return LOSS_TOL_TF32 if name == "info_nce" and dtype != torch.float32 else LOSS_TOL
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,7 +178,7 @@ def _check(name: str, case: tuple, dtype: torch.dtype, gen: torch.Generator, per
         scale = _terms_scale(*(t.detach() for t in inputs64), perm)
     elif name == "gaussian_nll":
         scale = _terms_scale(*(t.detach() for t in inputs64))
-    out_tol = LOSS_TOL if is_loss else TOL[dtype]
+    out_tol = loss_tolerance(name, dtype) if is_loss else TOL[dtype]
     fwd = _rel_err(out, expected, scale)
     grad_errs = [_rel_err(g, w) for g, w in zip(got, want, strict=True)]
     grad_tols = [TOL[t.dtype] for t in inputs]

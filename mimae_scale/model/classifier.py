@@ -28,7 +28,7 @@ ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm."
 
 def timm_classifier_spec(cfg: Config) -> tuple[str, dict]:
     """timm model name and arguments of this run's classifier (what export records beside the weights)."""
-    from mimae_scale.evaluation.export import timm_model_spec
+    from mimae_scale.timm_spec import timm_model_spec
 
     name, args = timm_model_spec(cfg)
     linprobe = cfg.task == "linprobe"
