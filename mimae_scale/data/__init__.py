@@ -79,5 +79,5 @@ def _shard_loader(
         from mimae_scale.data.wds_loader import WdsLoader as loader_class
     else:
         raise ValueError(f"data.backend: unknown backend {backend!r}")
-    shards = resolve_shards(spec, field)
+    shards = resolve_shards(spec, field, backend)
     return loader_class(cfg, shards, rank, world_size, device, batch_size=batch_size, train=train)
