@@ -17,6 +17,7 @@ the index; for ``webdataset`` also undecodable images, which become padding rows
 
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol
 
 import torch
@@ -79,5 +80,7 @@ def _shard_loader(
         from mimae_scale.data.wds_loader import WdsLoader as loader_class
     else:
         raise ValueError(f"data.backend: unknown backend {backend!r}")
+    if cfg.data.s3_endpoint_url:  # DALI's S3 client reads only the environment; boto3 reads it too
+        os.environ["AWS_ENDPOINT_URL"] = cfg.data.s3_endpoint_url
     shards = resolve_shards(spec, field, backend)
     return loader_class(cfg, shards, rank, world_size, device, batch_size=batch_size, train=train)
