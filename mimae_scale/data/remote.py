@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import threading
 import urllib.error
@@ -150,10 +151,13 @@ def read_bytes(url: str, start: int = 0, length: int | None = None) -> bytes:
 def _pipe_bytes(url: str, start: int, length: int | None) -> bytes:
     """A ``pipe:`` command's output (read to ``start + length`` and then stopped, for a header)."""
     cmd = url[len("pipe:"):]
-    with subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+    # its own process group: a header read stops the whole pipeline (the shell and what it started),
+    # or a child still holding stderr open would block the read below
+    with subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          start_new_session=True) as proc:
         data = proc.stdout.read() if length is None else proc.stdout.read(start + length)
         if length is not None:
-            proc.kill()  # enough read: a header check need not stream a whole tar
+            os.killpg(proc.pid, signal.SIGKILL)
         err = proc.stderr.read().decode(errors="replace").strip().splitlines()
         status = proc.wait()
     if (length is None and status != 0) or not data:
