@@ -24,10 +24,10 @@ import torch
 
 from mimae_scale.config import load_config
 from mimae_scale.data import build_train_loader, remote
+from mimae_scale.data.loopback_s3 import S3Server
 from mimae_scale.data.shardset import DataError, resolve_shards
 from mimae_scale.engine.checkpoint import MARKER
 from tests.helpers import REPO
-from tests.helpers.s3_server import S3Server
 from tests.helpers.shard_helpers import jpeg_bytes
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,5 @@
-"""A real S3-compatible server on loopback for the remote-shard tests: moto in server mode.
+"""A real S3-compatible server on loopback for the remote-shard tests and ``mimae-bench data
+--remote``: moto in server mode (``pip install 'moto[server]'``, in the dev extra).
 
 It runs as its own process, never as a thread of the test: DALI's pipeline build holds the GIL
 while its S3 client waits for an answer, so an in-process server (``ThreadedMotoServer``) never
