@@ -120,6 +120,10 @@ class DataConfig:
     # an S3-compatible store's endpoint (http://host:port) for s3:// shards; empty: AWS_ENDPOINT_URL or AWS.
     # Exported as AWS_ENDPOINT_URL, the one setting DALI's S3 client reads (docs/DATA.md)
     s3_endpoint_url: str = ""
+    # a local directory that s3:// shards are copied to, a whole tar per request, and read from (DALI reads
+    # s3:// one request per sample component: latency bound); empty: read from the store (docs/DATA.md)
+    remote_cache: str = ""
+    remote_cache_gb: float = 0.0  # at most this many GB in remote_cache (least recently used go first); 0: no limit
 
 
 @dataclass

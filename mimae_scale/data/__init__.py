@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import torch
 
 from mimae_scale.config import Config
+from mimae_scale.data import remote
+from mimae_scale.data.cache import cached
 from mimae_scale.data.shardset import resolve_shards
 
 
@@ -83,4 +85,6 @@ def _shard_loader(
     if cfg.data.s3_endpoint_url:  # DALI's S3 client reads only the environment; boto3 reads it too
         os.environ["AWS_ENDPOINT_URL"] = cfg.data.s3_endpoint_url
     shards = resolve_shards(spec, field, backend)
+    if cfg.data.remote_cache and remote.is_remote(spec):
+        shards = cached(shards, cfg.data.remote_cache, cfg.data.remote_cache_gb, f"{field}={spec!r}")
     return loader_class(cfg, shards, rank, world_size, device, batch_size=batch_size, train=train)

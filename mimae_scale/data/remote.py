@@ -197,6 +197,13 @@ def upload(local: Path, url: str) -> None:
     _s3_call(url, s3_client().upload_file, Filename=str(local), Bucket=bucket, Key=key)
 
 
+def object_head(url: str) -> tuple[int, str]:
+    """(size in bytes, ETag) of an ``s3://`` object; :class:`RemoteMissing` when there is none."""
+    bucket, key = split_s3(url)
+    head = _s3_call(url, s3_client().head_object, Bucket=bucket, Key=key)
+    return int(head["ContentLength"]), str(head.get("ETag", ""))
+
+
 def object_size(url: str) -> int | None:
     """The object's size in bytes; None when it does not exist."""
     bucket, key = split_s3(url)

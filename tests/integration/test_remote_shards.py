@@ -214,3 +214,40 @@ def test_remote_helpers_name_what_they_cannot_do():
     assert remote.index_url("pipe:curl -s https://h/x.tar | cat") == "pipe:curl -s https://h/x.idx | cat"
     with pytest.raises(DataError, match="gs:// shards are not supported"):
         resolve_shards("gs://bucket/train")
+
+
+def test_remote_cache_fetches_each_tar_once_keeps_its_limit_and_notices_changes(s3, built, tmp_path, monkeypatch):
+    """data.remote_cache: DALI reads local copies (the same batches as the local set), fetched once;
+    copies of another set go when room is needed, least recently used first; a set larger than
+    the limit is refused; a changed object is fetched again."""
+    url, stage = built
+    cache = tmp_path / "cache"
+    fetched = []
+    download = remote.download
+    monkeypatch.setattr(remote, "download", lambda u, local: (fetched.append(u), download(u, local))[1])
+    size = sum(f.stat().st_size for f in stage.iterdir() if f.suffix in (".tar", ".idx"))
+    old = cache / "other-bucket" / "old.tar"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"\0" * 4096)
+    os.utime(old, (0, 0))  # least recently used
+    settings = [f"run_dir={tmp_path}", f"data.remote_cache={cache}", f"data.remote_cache_gb={(size + 100) / 1e9}"]
+    assert _epoch_labels(settings, url, "dali") == _epoch_labels([f"run_dir={tmp_path}"], str(stage), "dali")
+    assert sorted(fetched) == sorted(f"{url}/train-{i:06d}.{ext}" for i in range(4) for ext in ("tar", "idx"))
+    assert not old.exists()  # 4 KB more than the limit allowed: the other set's copy went
+    assert sorted(p.name for p in (cache / BUCKET / "train").iterdir() if p.suffix != ".etag") == sorted(
+        f"train-{i:06d}.{ext}" for i in range(4) for ext in ("tar", "idx"))
+
+    fetched.clear()
+    _epoch_labels(settings, url, "dali")
+    assert fetched == []  # all there, unchanged
+    s3.client().upload_file(str(stage / "train-000001.tar"), BUCKET, "train/train-000003.tar")  # changed object
+    cfg = load_config("tiny", [*settings, f"data.train_shards={url}"])
+    with pytest.raises(DataError, match=r"more than data.remote_cache_gb") as too_small:
+        build_train_loader(load_config("tiny", [*settings, f"data.train_shards={url}",
+                                                "data.remote_cache_gb=1e-6"]), 0, 1, torch.device("cpu"))
+    assert "more than data.remote_cache_gb=1e-06" in str(too_small.value)
+    from mimae_scale.data.cache import cached
+    cached(resolve_shards(url), str(cache), cfg.data.remote_cache_gb + 1, "test")
+    assert fetched == [f"{url}/train-000003.tar"]
+    assert (cache / BUCKET / "train" / "train-000003.tar").read_bytes() == (stage / "train-000001.tar").read_bytes()
+    s3.client().upload_file(str(stage / "train-000003.tar"), BUCKET, "train/train-000003.tar")  # put it back
