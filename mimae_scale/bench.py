@@ -109,9 +109,10 @@ def cmd_data(args: argparse.Namespace) -> int:
             runs[f"{backend} ({device.type}, {args.threads} threads)"] = lambda cfg=cfg: _loader_batches(
                 build_train_loader(cfg, 0, 1, device)
             )
-            if server:
-                remote_cfg = load_config("tiny", [*overrides, f"data.backend={backend}", f"data.train_shards={REMOTE}"])
-                runs[f"{backend} from s3 (loopback server)"] = lambda cfg=remote_cfg: _loader_batches(
+            for label, extra in REMOTE_RUNS if server else ():
+                remote_cfg = load_config("tiny", [*overrides, f"data.backend={backend}", f"data.train_shards={REMOTE}",
+                                                  *[e.format(tmp=tmp) for e in extra]])
+                runs[f"{backend} {label}"] = lambda cfg=remote_cfg: _loader_batches(
                     build_train_loader(cfg, 0, 1, device)
                 )
         # One torch thread: the reference's per-image tensor ops must not fight the pipelines' threads.
@@ -137,12 +138,15 @@ def cmd_data(args: argparse.Namespace) -> int:
         if server:
             for backend in args.backends.split(","):
                 local = results[f"{backend} ({device.type}, {args.threads} threads)"]
-                print(f"{backend}: s3 / local = {results[f'{backend} from s3 (loopback server)'] / local:.2f}")
+                for label, _ in REMOTE_RUNS:
+                    print(f"{backend} {label}: {results[f'{backend} {label}'] / local:.2f}x local")
             server.stop()
     return EXIT_OK
 
 
 REMOTE = "s3://bench/shards"
+# the remote runs: straight from the store, and through data.remote_cache (filled before the timing)
+REMOTE_RUNS = [("from s3", []), ("from s3 via remote_cache", ["data.remote_cache={tmp}/cache"])]
 
 
 def _serve_on_loopback_s3(shards: str, log: Path):
@@ -164,6 +168,13 @@ def _serve_on_loopback_s3(shards: str, log: Path):
     for f in files:
         client.upload_file(str(f), "bench", f"shards/{f.name}")
     print(f"s3: {len(files)} objects at {REMOTE} on {server.url} (moto)")
+    from mimae_scale.data.cache import cached
+
+    start = time.perf_counter()
+    cached(resolve_shards(REMOTE), str(log.parent / "cache"), 0, "mimae-bench")
+    size = sum(f.stat().st_size for f in files if f.name != "manifest.json")
+    took = time.perf_counter() - start
+    print(f"s3 -> data.remote_cache: {size / 1e6:.1f} MB in {took:.2f} s (once; not timed below)")
     return server
 
 
