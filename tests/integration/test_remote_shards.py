@@ -251,3 +251,23 @@ def test_remote_cache_fetches_each_tar_once_keeps_its_limit_and_notices_changes(
     assert fetched == [f"{url}/train-000003.tar"]
     assert (cache / BUCKET / "train" / "train-000003.tar").read_bytes() == (stage / "train-000001.tar").read_bytes()
     s3.client().upload_file(str(stage / "train-000003.tar"), BUCKET, "train/train-000003.tar")  # put it back
+
+
+def test_dali_goes_on_with_the_rest_of_an_epoch_from_s3(s3, built, tmp_path):
+    """The rest-of-epoch pass (another layout's resume): local index files listing the unused
+    samples of s3:// tars; with the samples used before, every sample exactly once."""
+    url, _ = built
+    cfg = load_config("tiny", [f"run_dir={tmp_path}", f"data.train_shards={url}", "data.backend=dali",
+                               "train.micro_batch=16", "data.shuffle_buffer=8", "data.trace_samples=true"])
+    first = build_train_loader(cfg, 0, 1, torch.device("cpu"))
+    batches = iter(first)
+    next(batches), next(batches)
+    state = first.state_dict()
+    rest = build_train_loader(cfg, 0, 1, torch.device("cpu"))
+    summary = rest.continue_epoch([state], steps_left=4, accumulation=1)
+    assert summary == {"epoch": 0, "used": 32, "left": 64, "repeated": 0}
+    list(rest)
+    records = [json.loads(line) for line in (tmp_path / "samples" / "rank00000.jsonl").read_text().splitlines()]
+    assert [r["rest"] for r in records] == [False] * 2 + [True] * 4
+    counts = Counter(name for r in records for name in r["samples"])
+    assert len(counts) == CLASSES * PER_CLASS and set(counts.values()) == {1}
