@@ -19,6 +19,7 @@ are the tars' own, so sample ids, traces and checkpoints are those of the remote
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 from mimae_scale.data import remote
 from mimae_scale.data.shardset import DataError, ShardSet
 
+log = logging.getLogger(__name__)
 ETAG = ".etag"
 
 
@@ -90,5 +92,7 @@ def cached(shards: ShardSet, cache_dir: str, limit_gb: float, where: str) -> Sha
             raise DataError(f"{where}: {exc}") from None
         for p in locals_:
             os.utime(p)  # used now: the last to go when room is needed
+    log.info("%s: %d of %d objects fetched (%.1f MB) into data.remote_cache=%s", where, len(stale), len(urls),
+             sum(heads[i][0] for i in stale) / 1e6, cache_dir)
     n = len(shards.tars)
     return replace(shards, tars=[str(p) for p in locals_[:n]], indexes=[str(p) for p in locals_[n:]])
