@@ -271,3 +271,32 @@ def test_dali_goes_on_with_the_rest_of_an_epoch_from_s3(s3, built, tmp_path):
     assert [r["rest"] for r in records] == [False] * 2 + [True] * 4
     counts = Counter(name for r in records for name in r["samples"])
     assert len(counts) == CLASSES * PER_CLASS and set(counts.values()) == {1}
+
+
+def test_profile_credentials_and_the_endpoint_setting(s3, built, tmp_path):
+    """No AWS_* key or endpoint variable: the key from a profile in the shared credentials file
+    (AWS_PROFILE), the endpoint from data.s3_endpoint_url; DALI and boto3 both use them."""
+    url, _ = built
+    (tmp_path / "credentials").write_text(f"[trainer]\naws_access_key_id = {s3.key_id}\n"
+                                          f"aws_secret_access_key = {s3.secret}\n"
+                                          f"[other]\naws_access_key_id = AKIAWRONGWRONGWRONG0\n"
+                                          f"aws_secret_access_key = {s3.secret}\n")
+    (tmp_path / "config").write_text("[profile trainer]\nregion = us-east-1\n[profile other]\nregion = us-east-1\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_PROFILE="trainer", AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "credentials"),
+               AWS_CONFIG_FILE=str(tmp_path / "config"))
+    script = (
+        "import sys, torch\n"
+        "from mimae_scale.config import load_config\n"
+        "from mimae_scale.data import build_train_loader\n"
+        "cfg = load_config('tiny', sys.argv[1:])\n"
+        "print(sum(int(b['valid'].sum()) for b in build_train_loader(cfg, 0, 1, torch.device('cpu'))))\n"
+    )
+    args = [f"run_dir={tmp_path}", f"data.train_shards={url}", "data.backend=dali", "train.micro_batch=16",
+            f"data.s3_endpoint_url={s3.url}"]
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert done.returncode == 0 and done.stdout.split() == [str(CLASSES * PER_CLASS)], done.stderr[-3000:]
+    other = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env={**env, "AWS_PROFILE": "other"},
+                           capture_output=True, text=True, timeout=TIMEOUT)
+    assert other.returncode != 0 and "InvalidAccessKeyId" in other.stderr  # the profile is what is used
