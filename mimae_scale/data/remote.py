@@ -128,8 +128,9 @@ def read_bytes(url: str, start: int = 0, length: int | None = None) -> bytes:
     if kind == "s3":
         bucket, key = split_s3(url)
         ranged = {"Range": span} if start or length is not None else {}
-        body = _s3_call(url, s3_client().get_object, Bucket=bucket, Key=key, **ranged)["Body"]
-        return body.read()
+        # the body is read inside the call too: a connection lost mid-read is one line as well
+        return _s3_call(url, lambda **kw: s3_client().get_object(**kw)["Body"].read(), Bucket=bucket, Key=key,
+                        **ranged)
     if kind in ("http", "https"):
         request = urllib.request.Request(url, headers={"Range": span} if start or length is not None else {})
         try:
