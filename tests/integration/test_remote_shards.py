@@ -300,3 +300,28 @@ def test_profile_credentials_and_the_endpoint_setting(s3, built, tmp_path):
     other = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env={**env, "AWS_PROFILE": "other"},
                            capture_output=True, text=True, timeout=TIMEOUT)
     assert other.returncode != 0 and "InvalidAccessKeyId" in other.stderr  # the profile is what is used
+
+
+def test_remote_cache_ranks_on_one_machine_fetch_each_object_once(s3, built, tmp_path):
+    """Two processes fill one empty cache at the same time: the lock makes one fetch everything
+    and the other find it (8 objects fetched in all, not 16)."""
+    url, _ = built
+    # both wait until both are ready, so that without the lock both would find the cache empty
+    script = ("import logging, os, sys, time\n"
+              "from pathlib import Path\n"
+              "from mimae_scale.data.cache import cached\n"
+              "from mimae_scale.data.shardset import resolve_shards\n"
+              "logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(message)s')\n"
+              "shards = resolve_shards(sys.argv[1])\n"
+              "Path(sys.argv[3], str(os.getpid())).touch()\n"
+              "while len(os.listdir(sys.argv[3])) < 2: time.sleep(0.001)\n"
+              "cached(shards, sys.argv[2], 0, 'rank')\n")
+    (tmp_path / "ready").mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", script, url, str(tmp_path / "cache"), str(tmp_path / "ready")],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    fetched = sorted(int(line.split(": ")[1].split(" of ")[0]) for out in outputs for line in out.splitlines()
+                     if "objects fetched" in line)
+    assert fetched == [0, 8], outputs
