@@ -17,7 +17,6 @@ the index; for ``webdataset`` also undecodable images, which become padding rows
 
 from __future__ import annotations
 
-import os
 from typing import Any, Protocol
 
 import torch
@@ -82,8 +81,7 @@ def _shard_loader(
         from mimae_scale.data.wds_loader import WdsLoader as loader_class
     else:
         raise ValueError(f"data.backend: unknown backend {backend!r}")
-    if cfg.data.s3_endpoint_url:  # DALI's S3 client reads only the environment; boto3 reads it too
-        os.environ["AWS_ENDPOINT_URL"] = cfg.data.s3_endpoint_url
+    remote.use_endpoint(cfg.data.s3_endpoint_url)
     shards = resolve_shards(spec, field, backend)
     if cfg.data.remote_cache and remote.is_remote(spec):
         shards = cached(shards, cfg.data.remote_cache, cfg.data.remote_cache_gb, f"{field}={spec!r}")

@@ -66,6 +66,13 @@ def index_url(tar: str) -> str:
     return tar[:at] + ".idx" + tar[at + len(".tar"):] if at >= 0 else tar + ".idx"
 
 
+def use_endpoint(url: str) -> None:
+    """``data.s3_endpoint_url``: exported as ``AWS_ENDPOINT_URL``, the one endpoint setting DALI's S3
+    client reads (boto3 reads it too). Empty: the environment's, else AWS."""
+    if url:
+        os.environ["AWS_ENDPOINT_URL"] = url
+
+
 def split_s3(url: str) -> tuple[str, str]:
     bucket, _, key = url[len("s3://"):].partition("/")
     if not bucket:
