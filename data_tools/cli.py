@@ -13,8 +13,10 @@ from mimae_scale.data_tools.demo import write_demo
 from mimae_scale.data_tools.encode import EncodeSettings
 from mimae_scale.data_tools.index import write_index
 from mimae_scale.data_tools.real import SOURCES, SourceError, write_real
+from mimae_scale.data_tools.remote_set import default_stage, publish
 from mimae_scale.data_tools.verify import verify
 
+from mimae_scale.data import remote
 from mimae_scale.exit_codes import EXIT_CONFIG, EXIT_ERROR, EXIT_OK
 
 
@@ -27,16 +29,27 @@ def _cmd_build(args: argparse.Namespace) -> int:
     )
     classes = read_class_list(args.classes) if args.classes else None
     t0 = time.perf_counter()
+    to_s3 = remote.scheme(args.out) == "s3"
+    if remote.is_remote(args.out) and not to_s3:
+        print(f"mimae-shards build: {args.out}: a build writes to a local directory or s3:// only", file=sys.stderr)
+        return EXIT_CONFIG
+    out = (args.stage or default_stage(args.out)) if to_s3 else Path(args.out)  # s3: built here, then uploaded
     try:
-        m = build(args.src, args.out, settings, workers=args.workers, classes=classes, progress=not args.quiet)
+        m = build(args.src, out, settings, workers=args.workers, classes=classes, progress=not args.quiet)
+        sent = publish(out, args.out, m) if to_s3 else 0
     except BuildError as e:
         print(f"mimae-shards build: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except remote.RemoteError as e:
+        print(f"mimae-shards build: upload failed: {e} (staged in {out}; run the same command again)", file=sys.stderr)
+        return EXIT_ERROR
     dt = time.perf_counter() - t0
     print(
         f"{m['total_inputs']} inputs -> {m['total_samples']} samples in {len(m['shards'])} shards "
-        f"({m['total_bytes'] / 1e6:.1f} MB), {m['total_rejected']} rejected (see {args.out / 'rejected.jsonl'}), "
+        f"({m['total_bytes'] / 1e6:.1f} MB), {m['total_rejected']} rejected (see "
+        f"{remote.join(args.out, 'rejected.jsonl') if to_s3 else out / 'rejected.jsonl'}), "
         f"{m['total_reencoded']} re-encoded, {dt:.1f} s"
+        + (f"; {sent} objects uploaded to {args.out} (staged in {out})" if to_s3 else "")
     )
     return EXIT_OK
 
@@ -104,7 +117,9 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="images (class folders or a 'PATH CLASS' list) -> shards")
     b.add_argument("src", type=Path, help="class-per-folder tree, or a text file of 'PATH CLASS' lines")
-    b.add_argument("out", type=Path, help="output directory (re-run the same command to finish a build)")
+    b.add_argument("out", help="output directory or s3://bucket/prefix (re-run the same command to finish a build)")
+    b.add_argument("--stage", type=Path, help="s3 OUT: the local directory it is built in before the upload "
+                   "(default $MIMAE_CACHE/stage/BUCKET/PREFIX; kept, so a re-run resumes)")
     b.add_argument("--prefix", default="train", help="shard name prefix: PREFIX-000000.tar (default train)")
     b.add_argument("--shard-size", type=int, default=1000, help="inputs per shard (default 1000)")
     b.add_argument("--seed", type=int, default=0, help="global shuffle seed (default 0)")
@@ -117,7 +132,7 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_build)
 
     v = sub.add_parser("verify", help="check shards, indexes and checksums; decode samples")
-    v.add_argument("out", type=Path)
+    v.add_argument("out", help="shard set directory or s3://bucket/prefix")
     v.add_argument("--fraction", type=float, default=1.0, help="decode this random fraction of samples")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--quiet", action="store_true")

@@ -4,19 +4,23 @@ Checks, per shard listed in the manifest: the file exists and its sha256 matches
 its end; the DALI index equals the one the tar implies (a stale index makes DALI read garbage);
 the sample count matches; every sample has ``jpg`` and ``cls``; the class index is in range; the
 JPEG decodes fully (all samples, or a seeded random ``fraction`` of them). Tars in the directory
-that the manifest does not list are reported too.
+that the manifest does not list are reported too. OUT may be an ``s3://`` prefix.
 """
 
 from __future__ import annotations
 
 import random
 import tarfile
+from contextlib import nullcontext
 from pathlib import Path
 
 from mimae_scale.data_tools.encode import Rejected, check_jpeg
 from mimae_scale.data_tools.index import format_index, scan_tar
+from mimae_scale.data_tools.remote_set import ShardDownloads, load_remote_manifest
 from mimae_scale.data_tools.shards import load_manifest, sha256_file
 from tqdm import tqdm
+
+from mimae_scale.data import remote
 
 REQUIRED = ("jpg", "cls")
 
@@ -61,20 +65,24 @@ def _verify_shard(out_dir: Path, entry: dict, num_classes: int, fraction: float,
     return problems
 
 
-def verify(out_dir: Path, *, fraction: float = 1.0, seed: int = 0, progress: bool = True) -> list[str]:
-    """Every problem found, one line each; empty when the shard set is sound."""
+def verify(out_dir: Path | str, *, fraction: float = 1.0, seed: int = 0, progress: bool = True) -> list[str]:
+    """Every problem found, one line each; empty when the shard set is sound. ``out_dir`` may be an
+    ``s3://`` prefix: each shard is then downloaded in turn (data_tools/remote_set.py)."""
+    downloads = ShardDownloads(str(out_dir)) if remote.is_remote(str(out_dir)) else None
     try:
-        manifest = load_manifest(out_dir)
-    except (FileNotFoundError, ValueError) as e:
+        manifest = load_remote_manifest(str(out_dir)) if downloads else load_manifest(out_dir)
+    except (FileNotFoundError, ValueError, remote.RemoteError) as e:
         return [str(e)]
     rng = random.Random(seed)
     problems = []
     entries = manifest["shards"]
-    for entry in tqdm(entries, unit="shard", disable=not progress, desc="verify"):
-        problems += _verify_shard(out_dir, entry, manifest["num_classes"], fraction, rng)
+    with downloads or nullcontext():
+        for entry in tqdm(entries, unit="shard", disable=not progress, desc="verify"):
+            where = downloads.fetch(entry) if downloads else Path(out_dir)
+            problems += _verify_shard(where, entry, manifest["num_classes"], fraction, rng)
+        tars = downloads.tar_names() if downloads else [p.name for p in sorted(Path(out_dir).glob("*.tar"))]
     listed = {e["name"] for e in entries}
-    unlisted = [p.name for p in sorted(out_dir.glob("*.tar")) if p.name not in listed]
-    problems += [f"{name}: shard not listed in the manifest" for name in unlisted]
+    problems += [f"{name}: shard not listed in the manifest" for name in tars if name not in listed]
     total = sum(e["samples"] for e in entries)
     if total != manifest["total_samples"]:
         problems.append(f"manifest: total_samples {manifest['total_samples']} but shards hold {total}")

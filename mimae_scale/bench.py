@@ -10,6 +10,8 @@ builder: reading and fully decoding the same files with PIL.
 resize, flip, normalise, batch) beside a plain webdataset + PIL + torchvision pipeline (one
 process, the library's documented usage) on the same shards. "per core" is images per second of
 process CPU time (all threads counted), the number to multiply by cores when sizing a machine.
+``--remote`` adds each backend reading the same shards from an S3-compatible server that the
+bench starts on loopback (moto, mimae_scale.data.loopback_s3) and prints remote / local.
 
 ``mimae-bench checkpoint``: seconds to checksum (save) and verify (resume) a checkpoint of a
 shipped config's size in one process: the model-states file (bf16 module, 2 bytes per parameter)
@@ -86,6 +88,7 @@ def cmd_data(args: argparse.Namespace) -> int:
             shards = str(Path(tmp) / "train")
             print(f"shards: {per_class * 10} generated {args.image_side}x{args.image_side} JPEGs in {tmp}")
         tars = resolve_shards(shards).tars
+        server = _serve_on_loopback_s3(shards, Path(tmp) / "moto.log") if args.remote else None
         overrides = [
             f"data.train_shards={shards}",
             f"model.img_size={args.img_size}",
@@ -104,6 +107,12 @@ def cmd_data(args: argparse.Namespace) -> int:
             runs[f"{backend} ({device.type}, {args.threads} threads)"] = lambda cfg=cfg: loader_batches(
                 build_train_loader(cfg, 0, 1, device)
             )
+            for label, extra in REMOTE_RUNS if server else ():
+                remote_cfg = load_config("tiny", [*overrides, f"data.backend={backend}", f"data.train_shards={REMOTE}",
+                                                  *[e.format(tmp=tmp) for e in extra]])
+                runs[f"{backend} {label}"] = lambda cfg=remote_cfg: loader_batches(
+                    build_train_loader(cfg, 0, 1, device)
+                )
         # One torch thread: the reference's per-image tensor ops must not fight the pipelines' threads.
         torch.set_num_threads(1)
         print(
@@ -124,7 +133,48 @@ def cmd_data(args: argparse.Namespace) -> int:
         ref = next(iter(results.values()))
         for name, rate in list(results.items())[1:]:
             print(f"{name}: {rate / ref:.2f}x the reference")
+        if server:
+            for backend in args.backends.split(","):
+                local = results[f"{backend} ({device.type}, {args.threads} threads)"]
+                for label, _ in REMOTE_RUNS:
+                    print(f"{backend} {label}: {results[f'{backend} {label}'] / local:.2f}x local")
+            server.stop()
     return EXIT_OK
+
+
+REMOTE = "s3://bench/shards"
+# the remote runs: straight from the store, and through data.remote_cache (filled before the timing)
+REMOTE_RUNS = [("from s3", []), ("from s3 via remote_cache", ["data.remote_cache={tmp}/cache"])]
+
+
+def _serve_on_loopback_s3(shards: str, log: Path):
+    """A moto S3 server on 127.0.0.1 holding a copy of ``shards`` at :data:`REMOTE`; this process's
+    AWS variables point at it (DALI reads them)."""
+    import os
+
+    from mimae_scale.data.loopback_s3 import S3Server
+    from mimae_scale.data.shardset import resolve_shards
+
+    server = S3Server(log)
+    os.environ.update(server.env())
+    client = server.client()
+    client.create_bucket(Bucket="bench")
+    local = resolve_shards(shards)
+    files = [Path(f) for f in [*local.tars, *local.indexes]]
+    if Path(shards).is_dir() and (Path(shards) / "manifest.json").exists():
+        files.append(Path(shards) / "manifest.json")
+    for f in files:
+        client.upload_file(str(f), "bench", f"shards/{f.name}")
+    print(f"s3: {len(files)} objects at {REMOTE} on {server.url} (moto)")
+    from mimae_scale.data.cache import cached
+
+    start = time.perf_counter()
+    cached(resolve_shards(REMOTE), str(log.parent / "cache"), 0, "mimae-bench")
+    size = sum(f.stat().st_size for f in files if f.name != "manifest.json")
+    took = time.perf_counter() - start
+    print(f"s3 -> data.remote_cache: {size / 1e6:.1f} MB in {took:.2f} s (once; not timed below)")
+    return server
+
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
@@ -320,6 +370,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--warmup", type=int, default=2)
     d.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is shown")
     d.add_argument("--cpu", action="store_true", help="CPU-only even when a GPU is present")
+    d.add_argument("--remote", action="store_true", help="also each backend reading the shards from an S3 server "
+                   "started on loopback (moto; pip install 'moto[server]')")
     d.set_defaults(func=cmd_data)
 
     s = sub.add_parser("shards", help="mimae-shards build images/s vs reading + decoding the same files")

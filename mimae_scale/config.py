@@ -109,7 +109,7 @@ class DataConfig:
     """The input pipeline (docs/DATA.md)."""
 
     backend: Literal["dali", "webdataset", "synthetic"] = "dali"  # reader: DALI, webdataset + PIL, random tensors
-    train_shards: str = ""  # directory holding manifest.json, or a brace pattern of tar files
+    train_shards: str = ""  # directory holding manifest.json, or a brace pattern of tar files; may be remote (s3://...)
     val_shards: str = ""  # held-out labelled shards (online kNN monitor, evaluation)
     num_threads: int = 4  # decode threads per rank (DALI's pipeline threads, webdataset's pool)
     shuffle_buffer: int = 4096  # DALI's `initial_fill` / webdataset's shuffle window
@@ -123,6 +123,13 @@ class DataConfig:
     # with the world size, epoch, batch, and whether the pass is the rest of an epoch begun on another
     # layout), to audit that an epoch used every sample once
     trace_samples: bool = False
+    # an S3-compatible store's endpoint (http://host:port) for s3:// shards; empty: AWS_ENDPOINT_URL or AWS.
+    # Exported as AWS_ENDPOINT_URL, the one setting DALI's S3 client reads (docs/DATA.md)
+    s3_endpoint_url: str = ""
+    # a local directory that s3:// shards are copied to, a whole tar per request, and read from (DALI reads
+    # s3:// one request per sample component: latency bound); empty: read from the store (docs/DATA.md)
+    remote_cache: str = ""
+    remote_cache_gb: float = 0.0  # at most this many GB in remote_cache (least recently used go first); 0: no limit
 
 
 @dataclass

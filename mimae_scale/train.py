@@ -21,6 +21,7 @@ import argparse
 import logging
 
 from mimae_scale.config import ConfigError, load_config, validate
+from mimae_scale.data import remote
 from mimae_scale.data.shardset import DataError
 from mimae_scale.engine.checkpoint import CheckpointMismatch, CheckpointUnusable
 from mimae_scale.engine.distributed import detect_env
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ConfigError: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(Path(cfg.run_dir), env.rank)
+    remote.use_endpoint(cfg.data.s3_endpoint_url)  # before anything reads shards (the label check too)
     trainer = Trainer(cfg, env, stop)
     try:
         trainer.setup()

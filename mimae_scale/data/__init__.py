@@ -22,6 +22,8 @@ from typing import Any, Protocol
 import torch
 
 from mimae_scale.config import Config
+from mimae_scale.data import remote
+from mimae_scale.data.cache import cached
 from mimae_scale.data.shardset import resolve_shards
 
 
@@ -79,5 +81,8 @@ def _shard_loader(
         from mimae_scale.data.wds_loader import WdsLoader as loader_class
     else:
         raise ValueError(f"data.backend: unknown backend {backend!r}")
-    shards = resolve_shards(spec, field)
+    remote.use_endpoint(cfg.data.s3_endpoint_url)
+    shards = resolve_shards(spec, field, backend)
+    if cfg.data.remote_cache and remote.is_remote(spec):
+        shards = cached(shards, cfg.data.remote_cache, cfg.data.remote_cache_gb, f"{field}={spec!r}")
     return loader_class(cfg, shards, rank, world_size, device, batch_size=batch_size, train=train)

@@ -77,7 +77,7 @@ def write_remainder_indexes(ids: SampleIds, order: list[int], remaining: np.ndar
         keep = remaining[ids.tar_ids(i)]
         if not keep.any():
             continue
-        usable, _ = read_index(Path(ids.shards.indexes[i]), "the rest of an epoch")
+        usable, _ = read_index(ids.shards.indexes[i], "the rest of an epoch")
         lines = [" ".join(f) for f, k in zip(usable, keep, strict=True) if k]
         path = out / f"{i:06d}.idx"
         path.write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n")
