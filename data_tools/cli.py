@@ -14,7 +14,8 @@ from mimae_scale.data_tools.encode import EncodeSettings
 from mimae_scale.data_tools.index import write_index
 from mimae_scale.data_tools.verify import verify
 
-from mimae_scale.exit_codes import EXIT_CONFIG, EXIT_ERROR, EXIT_OK
+from mimae_scale.diskfull import DiskFull
+from mimae_scale.exit_codes import EXIT_CONFIG, EXIT_DISK_FULL, EXIT_ERROR, EXIT_OK
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -31,6 +32,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     except BuildError as e:
         print(f"mimae-shards build: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except DiskFull as e:
+        print(f"mimae-shards build: {e}", file=sys.stderr)
+        return EXIT_DISK_FULL
     dt = time.perf_counter() - t0
     print(
         f"{m['total_inputs']} inputs -> {m['total_samples']} samples in {len(m['shards'])} shards "
