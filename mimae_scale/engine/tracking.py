@@ -15,10 +15,11 @@ writes ``<run_dir>/wandb/offline-run-*`` without the network, ``wandb sync`` upl
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from mimae_scale.config import Config, dump_yaml
+from mimae_scale.engine.checkpoint import rng_state, set_rng_state
 from mimae_scale.engine.reporting import StepTiming
 
 log = logging.getLogger("mimae_scale.engine")
@@ -56,6 +58,17 @@ def scalars_of(record: dict[str, Any]) -> dict[str, float]:
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
+@contextlib.contextmanager
+def _rng_untouched(device: torch.device) -> Iterator[None]:
+    """Python's, NumPy's and torch's generators as they were before (what a checkpoint saves): the
+    grid's loader and forward must not shift the training's random streams."""
+    saved = rng_state(device)
+    try:
+        yield
+    finally:
+        set_rng_state(saved, device)
+
+
 class ReconstructionGrid:
     """mimae-viz's picture (original, each mask's visible patches, each reconstruction) of one fixed
     batch, drawn with the model's current weights. The masks come from a fixed seed, and the global
@@ -67,7 +80,7 @@ class ReconstructionGrid:
     def __call__(self):
         from mimae_scale.evaluation.viz import reconstruction_panels, render_grid
 
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with _rng_untouched(self.device):
             generator = torch.Generator(self.device).manual_seed(self.cfg.seed)
             panels = reconstruction_panels(self.model, self.images, self.cfg.data.mean, self.cfg.data.std, generator)
         return render_grid(panels)
@@ -78,7 +91,7 @@ def fixed_batch(cfg: Config, device: torch.device, count: int = GRID_IMAGES) -> 
     training shards through the same pipeline, else (synthetic data) the first synthetic batch."""
     from mimae_scale.evaluation.viz import first_images
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with _rng_untouched(device):
         shards = cfg.data.val_shards or (cfg.data.train_shards if cfg.data.backend != "synthetic" else "")
         if shards:
             from mimae_scale.evaluation.cli import eval_loader
