@@ -143,3 +143,46 @@ def test_the_grid_leaves_the_training_random_streams_where_they_were():
             draws()
         assert draws() == untouched
     assert grid.size[0] > grid.size[1] > 0 and model.training  # and the model is back in training mode
+
+
+def test_the_grid_runs_on_rank_0_alone_without_a_collective_call(monkeypatch):
+    """Rank 0 draws the grid while the other ranks train on: a collective there (the training
+    forward's InfoNCE all-gather) would pair with another rank's and break both. Here the world
+    says 2 ranks and any all-gather fails the test; the training forward shows that it would."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+
+    from mimae_scale.engine.tracking import ReconstructionGrid, fixed_batch
+    from mimae_scale.model import build_model
+
+    cfg = load_config("tiny", ["data.backend=synthetic", "mi.negatives=global"])
+    cpu = torch.device("cpu")
+    model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels="off")
+    images = fixed_batch(cfg, cpu)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+
+        def no_collective(*args, **kwargs):
+            raise AssertionError("a collective call on one rank")
+
+        monkeypatch.setattr(dist_fn, "all_gather", no_collective)
+        ReconstructionGrid(model, images, cfg, cpu)()
+        with pytest.raises(AssertionError, match="collective"):
+            model(images, generator=torch.Generator().manual_seed(0))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reconstruct_is_the_forwards_prediction_and_masks():
+    import torch
+
+    from mimae_scale.model import build_model
+
+    cfg = load_config("tiny")
+    model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels="off")
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pred, mask = model.reconstruct(images, generator=torch.Generator().manual_seed(5))
+    out = model(images, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(pred, out.pred) and torch.equal(mask, out.mask)
