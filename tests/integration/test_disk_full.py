@@ -133,3 +133,27 @@ def test_shard_build_onto_a_full_disk_then_finish(tmp_path, workers):
             with tarfile.open(tar) as fh:
                 ids += [name.split(".")[0] for name in fh.getnames() if name.endswith(".jpg")]
         assert len(ids) == len(set(ids)) == manifest["total_samples"]  # every sample once
+
+
+def test_two_ranks_under_the_deepspeed_launcher(tmp_path):
+    """The rank whose write fails exits 74 first; the other loses its peer and stops (its own error
+    names gloo's closed connection), and the launcher passes the first failure's status on."""
+    disk = tmp_path / "disk"
+    run = disk / "run"
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--num_gpus", "2", "mimae_scale/train.py", "--config", "tiny", f"run_dir={run}",
+           "data.backend=synthetic", "train.steps_per_epoch=8", "train.global_batch=32", "train.micro_batch=16",
+           "train.log_every=1", "checkpoint.every_steps=2", "checkpoint.every_minutes=600", "train.max_steps=8",
+           "metrics.enabled=false"]
+    with tmpfs(disk, "6m") as resize:
+        done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+        out = done.stdout + done.stderr
+        assert done.returncode == EXIT_DISK_FULL, out[-4000:]
+        full = [line for line in out.splitlines() if "ERROR DiskFull: disk full (ENOSPC" in line]
+        assert len(full) == 1 and "step_000000006" in full[0] and "step_000000004 kept as the latest" in full[0]
+        assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000000002", "step_000000004"]
+        resize("20m")
+        done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+        out = done.stdout + done.stderr
+        assert done.returncode == EXIT_OK, out[-4000:]
+        assert "resumed from " + str(run / "checkpoints" / "step_000000004") + ": step 4" in out
