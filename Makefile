@@ -7,6 +7,8 @@
 #             (ZeRO 1, DALI CPU pipeline), print a summary, score both and a random initialisation with
 #             kNN and linear probes on the held-out split, draw the reconstructions. DEMO_ARGS adds
 #             key.sub=value settings to both runs (CI: DEMO_ARGS=train.max_steps=6).
+# make demo-finetune: after make demo, fine-tune and linearly probe its encoder through the same engine
+#             and print held-out top-1 (docs/FINETUNE.md); FT_ARGS adds settings (CI: FT_ARGS=train.max_steps=6).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,7 +23,7 @@ TEST_ENV := TRITON_INTERPRET=1 TORCH_EXTENSIONS_DIR=$(EXT_DIR)
 # forever; nothing builds before a target starts, so any lock found then is stale.
 CLEAR_STALE_LOCKS := find $(EXT_DIR) -name lock -delete 2>/dev/null || true
 
-.PHONY: setup test test-fast lint clean demo device-bundle
+.PHONY: setup test test-fast lint clean demo demo-finetune device-bundle
 
 DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
@@ -64,6 +66,24 @@ demo: $(STAMP)
 		--random-init --train $(DEMO_DIR)/shards/train --val $(DEMO_DIR)/shards/val --device cpu \
 		--out $(DEMO_DIR)/eval.json
 	$(DEMO_ENV) $(BIN)/mimae-viz $(DEMO_DIR)/run $(DEMO_DIR)/shards/val $(DEMO_DIR)/recon.png
+
+# After `make demo`: fine-tune, then linearly probe, the demo's pretrained MI-MAE (runs/demo/run) on its labelled
+# shards through the same engine (2 CPU ranks, DALI), MAE's recipes at the tiny size (docs/FINETUNE.md); each
+# logs its held-out top-1, and the run summaries end it. FT_ARGS adds key.sub=value settings to both (CI: FT_ARGS=train.max_steps=6).
+FT_ARGS ?=
+FT_DATA = data.backend=dali data.train_shards=$(DEMO_DIR)/shards/train data.val_shards=$(DEMO_DIR)/shards/val \
+	finetune.init=$(DEMO_DIR)/run
+
+demo-finetune: $(STAMP)
+	@test -f $(DEMO_DIR)/run/checkpoints/latest || { echo "no pretrained demo run in $(DEMO_DIR)/run: make demo first" >&2; exit 2; }
+	rm -rf $(DEMO_DIR)/finetune_run $(DEMO_DIR)/linprobe_run
+	$(CLEAR_STALE_LOCKS)
+	$(DEMO_ENV) $(BIN)/deepspeed --num_gpus 2 mimae_scale/train.py --config finetune_tiny $(FT_DATA) \
+		run_dir=$(DEMO_DIR)/finetune_run $(FT_ARGS)
+	$(DEMO_ENV) $(BIN)/deepspeed --num_gpus 2 mimae_scale/train.py --config linprobe_tiny $(FT_DATA) \
+		run_dir=$(DEMO_DIR)/linprobe_run $(FT_ARGS)
+	$(BIN)/python -m mimae_scale.engine.summary $(DEMO_DIR)/finetune_run
+	$(BIN)/python -m mimae_scale.engine.summary $(DEMO_DIR)/linprobe_run
 
 # The offline bundle for a fresh GPU machine (docs/GPU.md): BUNDLE_PYTHON=3.11 for a rehearsal here.
 device-bundle:

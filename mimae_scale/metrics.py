@@ -36,6 +36,9 @@ LABELS = ("job", "rank", "node")
 LOSS_TERMS = ("rec", "max", "min", "q")  # the model's terms; metrics.jsonl has them as loss_<term>
 # CLUB critic health (mimae_scale.model.club), under these names in metrics.jsonl
 CLUB_HEALTH = ("club_q_gain", "club_logvar_mean", "club_logvar_saturated")
+# a classifier's held-out accuracy in metrics.jsonl -> (k, weights) of mimae_val_accuracy_ratio
+VAL_ACCURACY = {"val_top1": ("1", "model"), "val_top5": ("5", "model"), "ema_val_top1": ("1", "ema"),
+                "ema_val_top5": ("5", "ema")}
 
 # Step durations from 1 ms (tiny CPU model) to 100 s, at most 1.5x apart, so quantiles interpolate
 # within a narrow bucket at any scale.
@@ -161,7 +164,7 @@ class TrainingMetrics:
                            "w_min*min) and each term (q: the CLUB critic's own NLL).", (*LABELS, "term"), registry=reg)
         # no series on runs without L_min
         self._club = Gauge("mimae_club", "CLUB critic health: q_gain (nats/dim a z-blind Gaussian's NLL exceeds "
-                           "q's; > 0: q uses z), logvar_mean, logvar_saturated (share at tanh's bound).",
+                           "q's; > 0: q uses z), logvar_mean, logvar_saturated (share at the logvar cap; 0 uncapped).",
                            (*LABELS, "stat"), registry=reg)
         self._loss_terms: dict[str, Any] = {}  # term -> labelled child, made at the first log (labels() is slow)
         self._lr = gauge("mimae_learning_rate", "Learning rate of the last step.")
@@ -170,6 +173,12 @@ class TrainingMetrics:
         self._knn_top1 = Gauge("mimae_knn_top1_ratio",
                                "Online kNN top-1 accuracy on data.val_shards at the last monitor run (0-1).",
                                LABELS, registry=reg)
+        # fine-tuning and linear probing: top-1/top-5 on the held-out shards, of the model and of its EMA;
+        # no series until the first evaluation
+        self._val_accuracy = Gauge("mimae_val_accuracy_ratio",
+                                   "Classifier accuracy on data.val_shards at the last evaluation (0-1); labels k "
+                                   "(1: top-1, 5: top-5) and weights (model, ema).", (*LABELS, "k", "weights"),
+                                   registry=reg)
         self._epoch = gauge("mimae_epoch", "Current epoch (0-based).")
         self._global_step = gauge("mimae_global_step", "Optimiser steps done in the run, resumed ones included.")
         self._progress = gauge("mimae_progress_ratio", "Fraction of the run's steps done (0-1).")
@@ -288,6 +297,9 @@ class TrainingMetrics:
         self._set_rejected_samples(_number("skipped_samples", record["skipped_samples"]))
         if "knn_top1" in record:  # the online kNN monitor ran since the previous log step
             self._knn_top1.labels(**self.labels).set(_number("knn_top1", record["knn_top1"]))
+        for key, (k, weights) in VAL_ACCURACY.items():  # a classifier was evaluated since the previous log step
+            if key in record:
+                self._val_accuracy.labels(**self.labels, k=k, weights=weights).set(_number(key, record[key]))
         if self._cuda and torch.cuda.is_initialized():
             # allocator bookkeeping on the host: no device synchronisation
             self._gpu_allocated.labels(**self.labels).set(torch.cuda.memory_allocated())

@@ -7,7 +7,9 @@
   ``torch.autocast(bf16)``: matmuls and convolutions in bf16, norms, softmax and losses in fp32.
   Images arrive in fp32. Costs a bf16 copy of each weight per forward, keeps the positions exact.
 - ``fp32``: everything fp32 (the CPU default).
-- ``auto``: ``bf16`` on a GPU, ``fp32`` on a CPU (bf16 matmuls are slow on most CPUs).
+- ``auto``: ``bf16`` on a GPU, ``fp32`` on a CPU (bf16 matmuls are slow on most CPUs); with LARS
+  (``optim.name: lars``) ``amp`` on a GPU, since DeepSpeed's bf16 mode would hand LARS flat fp32
+  partitions instead of layers (config.validate refuses ``bf16`` with LARS).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from mimae_scale.config import Config
 def resolve_precision(cfg: Config, device: torch.device) -> str:
     precision = cfg.engine.precision
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        return "amp" if cfg.optim.name == "lars" else "bf16"
     return precision
 
 

@@ -30,7 +30,9 @@ through index files that list only the samples not yet used (mimae_scale.data.sa
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,17 @@ def labels_from_ascii(padded: torch.Tensor) -> torch.Tensor:
     return ((digits - 48).clamp(min=0) * weights).sum(dim=1)
 
 
+def rand_augment_args(config: str) -> dict[str, Any] | None:
+    """timm's RandAugment string (``rand-m9-mstd0.5-inc1``) as DALI's ``rand_augment`` arguments: n
+    operations (timm's ``n``, default 2) at magnitude m of 10 (timm's scale: bins 0-10), increasing
+    severity with ``inc1``. DALI has no magnitude noise: timm's ``mstd`` is not reproduced (docs/FINETUNE.md)."""
+    if not config:
+        return None
+    parts = dict(re.fullmatch(r"([a-z]+)([0-9.]+)", p).groups() for p in config.split("-")[1:])
+    return {"n": int(parts.get("n", 2)), "m": int(float(parts.get("m", 9))), "num_magnitude_bins": 11,
+            "monotonic_mag": parts.get("inc", "0") == "1"}
+
+
 def _pipeline_seed(cfg: Config, rank: int, epoch: int) -> int:
     # Different augmentations per rank and per epoch, reproducible per (seed, rank, epoch).
     return zlib.crc32(f"{cfg.seed}-{rank}-{epoch}".encode()) & 0x7FFFFFFF
@@ -82,12 +95,15 @@ def _build_pipeline(
     decode_device = "mixed" if gpu else "cpu"
     decoder_args = {"hw_decoder_load": d.hw_decoder_load} if gpu else {}
 
+    rand_augment = rand_augment_args(cfg.finetune.rand_augment) if train and cfg.task == "finetune" else None
+
     @pipeline_def(
         batch_size=batch_size,
         num_threads=d.num_threads,
         device_id=(device.index if device.index is not None else torch.cuda.current_device()) if gpu else None,
         seed=seed,
         enable_checkpointing=True,
+        enable_conditionals=rand_augment is not None,  # RandAugment picks its operations per sample
     )
     def pipe():
         jpegs, cls = fn.readers.webdataset(
@@ -116,6 +132,12 @@ def _build_pipeline(
                 **decoder_args,
             )
             images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC)
+            if rand_augment is not None:  # fine-tuning: on the uint8 crop, before normalisation (as timm)
+                with warnings.catch_warnings():  # DALI's own RandAugment calls its deprecated aliases
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
+
+                    images = dali_rand_augment.rand_augment(images, **rand_augment)
             mirror = fn.random.coin_flip(probability=0.5) if d.hflip else 0
             images = fn.crop_mirror_normalize(
                 images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std, mirror=mirror

@@ -23,7 +23,8 @@ import itertools
 import logging
 import math
 import random
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -64,6 +65,33 @@ def random_resized_crop_box(
     return left, top, left + w, top + h
 
 
+def timm_rand_augment(cfg) -> Callable[[Image.Image, int], Image.Image]:
+    """timm's RandAugment (``finetune.rand_augment``) with the hyper-parameters timm's ``create_transform``
+    gives it, applied as a pure function of (image, seed): timm draws from the global ``random`` and
+    NumPy generators, so each call seeds them under a lock and restores them (the decode threads
+    share them, and a resumed epoch must draw the same operations)."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    size = cfg.model.img_size
+    hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(min(255, round(255 * m)) for m in cfg.data.mean),
+               "interpolation": Image.Resampling.BICUBIC}
+    transform = rand_augment_transform(cfg.finetune.rand_augment, hparams)
+    lock = threading.Lock()
+
+    def apply(img: Image.Image, seed: int) -> Image.Image:
+        with lock:
+            saved = random.getstate(), np.random.get_state()
+            random.seed(seed)
+            np.random.seed(seed)
+            try:
+                return transform(img)
+            finally:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+
+    return apply
+
+
 class WdsLoader(ShardLoader):
     """One rank's loader on the webdataset library (train: augmented and reshuffled; eval: fixed)."""
 
@@ -71,6 +99,8 @@ class WdsLoader(ShardLoader):
 
     def _setup_backend(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=self.cfg.data.num_threads)
+        augment = self.train and self.cfg.task == "finetune" and self.cfg.finetune.rand_augment
+        self._rand_augment = timm_rand_augment(self.cfg) if augment else None
         self._mean = torch.tensor(self.cfg.data.mean).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(self.cfg.data.std).view(1, 3, 1, 1) * 255
 
@@ -138,6 +168,8 @@ class WdsLoader(ShardLoader):
             img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
             if self.cfg.data.hflip and rng.random() < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if self._rand_augment is not None:
+                img = self._rand_augment(img, rng.getrandbits(32))
         else:
             short = round(size / EVAL_CROP_FRACTION)
             scale = short / min(img.width, img.height)

@@ -590,6 +590,11 @@ def check_resumable(chosen: Complete, cfg: Config, world_size: int, root: Path) 
     """Refuse, naming what differs, a checkpoint this run cannot continue (from its marker alone,
     before anything is built)."""
     fingerprint, zero_stage = cfg.fingerprint(), cfg.engine.zero_stage
+    task = (chosen.method or {}).get("task", "pretrain")
+    if task != cfg.task:
+        hint = f", and finetune.init={root.parent} to start from its encoder" if task == "pretrain" else ""
+        raise CheckpointMismatch(f"{root / chosen.tag} is a {task} checkpoint and this run's task is {cfg.task}: "
+                                 f"use a new run_dir{hint}")
     if chosen.fingerprint != fingerprint:
         diffs = _diff(chosen.method, cfg.method())
         raise CheckpointMismatch(

@@ -1,4 +1,6 @@
-"""AdamW with MAE's parameter groups and MAE's learning-rate rule and schedule."""
+"""The optimiser (AdamW, or LARS for linear probing) with MAE's parameter groups, learning-rate rule
+and schedule. A group may carry ``lr_scale`` (layer-wise lr decay): the trainer sets its lr to
+schedule(step) x lr_scale before every step."""
 
 from __future__ import annotations
 
@@ -30,6 +32,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def classifier_param_groups(model: nn.Module, cfg: Config) -> list[dict]:
+    """Fine-tuning: timm's layer-decay groups (``lr_scale`` = layer_decay^(depth + 1 - layer); cls token,
+    positions and patch embedding are layer 0, the head depth + 1), no decay on 1-D tensors and tokens.
+    Linear probing: the head's weight (LARS-adapted) and its bias (not adapted), no weight decay (MAE's)."""
+    if cfg.task == "linprobe":
+        head = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return [
+            {"params": [p for _, p in head if p.ndim > 1], "weight_decay": 0.0, "always_adapt": True},
+            {"params": [p for _, p in head if p.ndim <= 1], "weight_decay": 0.0, "always_adapt": False},
+        ]
+    from timm.optim import param_groups_layer_decay
+
+    return param_groups_layer_decay(model, weight_decay=cfg.optim.weight_decay,
+                                    no_weight_decay_list=model.no_weight_decay(), layer_decay=cfg.finetune.layer_decay)
 
 
 def peak_lr(cfg: Config) -> float:
@@ -64,8 +82,8 @@ class LRSchedule:
         return self.min_lr + (self.peak - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class NonFiniteSkippingAdamW(torch.optim.AdamW):
-    """AdamW that refuses a step whose gradients are not finite, the way DeepSpeed's own wrappers do.
+class NonFiniteSkipping:
+    """An optimiser that refuses a step whose gradients are not finite, the way DeepSpeed's own wrappers do.
 
     DeepSpeed wraps the client optimiser (ZeRO 1-3, bf16) in code that checks the gradients, skips a
     non-finite step on every rank and counts it in ``engine.skipped_steps``. With ZeRO 0 in fp32 it
@@ -88,6 +106,19 @@ class NonFiniteSkippingAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+class NonFiniteSkippingAdamW(NonFiniteSkipping, torch.optim.AdamW):
+    pass
+
+
+def _lars():
+    from timm.optim import Lars
+
+    class NonFiniteSkippingLars(NonFiniteSkipping, Lars):
+        pass
+
+    return NonFiniteSkippingLars
+
+
 def build_optimizer(
     model: nn.Module, cfg: Config, wrapped_by_deepspeed: bool, device: torch.device
 ) -> torch.optim.Optimizer:
@@ -97,7 +128,11 @@ def build_optimizer(
     tensor). DeepSpeed's ZeRO 1-3 and bf16 wrappers call the client optimiser's ``step`` on their
     fp32 master partitions, which the fused kernel takes as they are. On CPU the plain loop.
     """
-    cls = torch.optim.AdamW if wrapped_by_deepspeed else NonFiniteSkippingAdamW
+    groups = param_groups(model, cfg.optim.weight_decay) if cfg.task == "pretrain" else classifier_param_groups(
+        model, cfg)
     # the lr is set before every step from LRSchedule; this value is only the initial one
-    return cls(param_groups(model, cfg.optim.weight_decay), lr=peak_lr(cfg), betas=cfg.optim.betas,
-               fused=device.type == "cuda")
+    if cfg.optim.name == "lars":  # ZeRO 0 only (config.validate): DeepSpeed does not wrap it in fp32
+        # MAE's LARS: momentum 0.9, trust coefficient 0.001, no clipping of the trust ratio
+        return _lars()(groups, lr=peak_lr(cfg), momentum=0.9, trust_coeff=0.001)
+    cls = torch.optim.AdamW if wrapped_by_deepspeed else NonFiniteSkippingAdamW
+    return cls(groups, lr=peak_lr(cfg), betas=cfg.optim.betas, fused=device.type == "cuda")

@@ -69,10 +69,11 @@ class ConsoleSink:
 
     def on_log(self, record: dict[str, Any]) -> None:
         terms = " ".join(f"{k[5:]} {record[k]:.4f}" for k in sorted(record) if k.startswith("loss_"))
+        terms = f" ({terms})" if terms else ""  # a classifier's loss has no terms
         gnorm = record["grad_norm"]
         left = (self.total_steps - record["step"]) * record["step_s"]
         log.info(
-            "step %d/%d  epoch %.2f  loss %.4f (%s)  lr %.3e  grad_norm %s  |  %.1f img/s  step %.3f s  "
+            "step %d/%d  epoch %.2f  loss %.4f%s  lr %.3e  grad_norm %s  |  %.1f img/s  step %.3f s  "
             "data %.3f s  skipped %d  eta %s",
             record["step"], self.total_steps, record["epoch"], record["loss"], terms, record["lr"],
             "n/a" if gnorm is None else f"{gnorm:.3f}", record["images_per_s"], record["step_s"],

@@ -39,23 +39,36 @@ def summarize(run_dir: Path) -> str:
     first, last = steps[0], steps[-1]
     complete = CheckpointManager(run_dir / "checkpoints", rank=0, keep_last=1).complete()
     world = ds["train_batch_size"] // (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"])
-    finite = [r for r in steps if r["loss"] is not None]
+    task = cfg.get("task", "pretrain")
+    curve_key = "loss_rec" if task == "pretrain" else "loss"  # a classifier's loss has no terms
+    finite = [r for r in steps if r[curve_key] is not None]
     picks = sorted({round(i * (len(finite) - 1) / 9) for i in range(10)}) if finite else []
-    curve = "  ".join(f"{finite[i]['step']}: {finite[i]['loss_rec']:.3f}" for i in picks)
+    curve = "  ".join(f"{finite[i]['step']}: {finite[i][curve_key]:.3f}" for i in picks)
+    m = cfg["model"]
+    if task == "pretrain":
+        what = f"MI-MAE {m['img_size']} px / patch {m['patch_size']}, K={cfg['mask']['num_masks']} masks"
+    else:
+        ft = cfg["finetune"]
+        what = (f"{task} of a ViT {m['embed_dim']}x{m['depth']} ({m['img_size']} px / patch {m['patch_size']}, "
+                f"{ft['num_classes']} classes) from {ft['init'] or 'a random initialisation'}")
+    evals = [r for r in steps if "val_top1" in r]
     lines = [
         "",
         "=" * 100,
-        f"MI-MAE {cfg['model']['img_size']} px / patch {cfg['model']['patch_size']}, K={cfg['mask']['num_masks']} "
-        f"masks, trained by DeepSpeed ZeRO-{ds['zero_optimization']['stage']} on {world} ranks "
+        f"{what}, trained by DeepSpeed ZeRO-{ds['zero_optimization']['stage']} on {world} ranks "
         f"({'bf16' if ds['bf16']['enabled'] else 'fp32'}), data backend {cfg['data']['backend']} "
         f"({cfg['data']['train_shards'] or 'generated'})",
         f"steps {first['step']}..{last['step']} (epoch {last['epoch']:.2f}), {last['samples']} images, "
         f"{last['images_per_s']:.1f} img/s at the end, skipped steps {last['skipped_steps']}",
         "loss terms, first -> last log step: " + ", ".join(
-            f"{TERMS.get(k, k)} {first[k]:.4f} -> {last[k]:.4f}" for k in sorted(first)
+            f"{TERMS.get(k, k) if task == 'pretrain' else 'soft-target cross-entropy'} {first[k]:.4f} -> "
+            f"{last[k]:.4f}" for k in sorted(first)
             if k.startswith("loss") and first[k] is not None and last[k] is not None),
         _club_health(steps) if "club_q_gain" in first else "",
-        f"reconstruction loss by step: {curve}",
+        f"{'reconstruction loss' if task == 'pretrain' else 'loss'} by step: {curve}",
+        ("held-out top-1 by step: " + "  ".join(f"{r['step']}: {r['val_top1']:.4f}" for r in evals)
+         + f" (last: top-1 {evals[-1]['val_top1']:.4f}, top-5 {evals[-1]['val_top5']:.4f} on "
+           f"{evals[-1]['val_samples']} images)") if evals else "",
         f"run directory  {run_dir.resolve()}",
         f"  config.yaml, ds_config.json  the resolved settings; train.log  the log; metrics.jsonl  {len(steps)} "
         "log steps",

@@ -40,7 +40,7 @@ TAGS = {"loss": "loss/total", "lr": "optim/lr", "grad_norm": "optim/grad_norm",
         "model_flops_per_s": "speed/model_flops_per_s", "mfu": "speed/mfu", "mfu_datasheet": "speed/mfu_datasheet",
         "epoch": "progress/epoch", "samples": "progress/samples", "skipped_steps": "progress/skipped_steps",
         "skipped_samples": "progress/skipped_samples"}
-PREFIXES = {"loss_": "loss/", "club_": "club/", "knn_": "eval/knn_"}
+PREFIXES = {"loss_": "loss/", "club_": "club/", "knn_": "eval/knn_", "val_": "eval/val_", "ema_val_": "eval/ema_val_"}
 
 
 def tag_of(key: str) -> str:
@@ -180,7 +180,9 @@ def trackers(cfg: Config, run_dir: Path, start_step: int, model: torch.nn.Module
     if not (t.tensorboard or t.wandb):
         return []
     grid = None
-    if t.image_every_steps and cfg.engine.zero_stage == 3:
+    if t.image_every_steps and cfg.task != "pretrain":
+        log.info("tracking: no reconstruction images for task %s (a classifier reconstructs nothing)", cfg.task)
+    elif t.image_every_steps and cfg.engine.zero_stage == 3:
         log.warning("tracking: no reconstruction images under ZeRO 3 (rank 0 alone cannot run the forward); "
                     "the scalars and the config are logged")
     elif t.image_every_steps:

@@ -1,4 +1,5 @@
-"""The training loop: a DeepSpeed engine around MI-MAE, checkpoints, signals and non-finite steps.
+"""The training loop: a DeepSpeed engine around the task's model (MI-MAE pretraining, or a ViT
+classifier fine-tuned or probed: mimae_scale.engine.tasks), checkpoints, signals and non-finite steps.
 
 Host synchronisation happens only at control points (every ``train.log_every`` steps, and the
 last step): one small all-reduce carries the loss sums for the log line, the stop request of any
@@ -42,13 +43,10 @@ from mimae_scale.engine.ds_config import build_ds_config, write_ds_config
 from mimae_scale.engine.optim import LRSchedule, build_optimizer, peak_lr
 from mimae_scale.engine.reporting import ConsoleSink, JsonlSink, MetricsSink, StepTiming
 from mimae_scale.engine.signals import StopRequest
+from mimae_scale.engine.tasks import build_task
 from mimae_scale.engine.tracking import trackers
-from mimae_scale.evaluation.online import knn_due, online_knn
 from mimae_scale.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
 from mimae_scale.metrics import LOSS_TERMS, TrainingMetrics
-from mimae_scale.model import build_model
-from mimae_scale.model.club import ClubCritic, min_weight
-from mimae_scale.model.compile import compile_blocks
 from mimae_scale.precision import autocast, deepspeed_bf16, input_dtype, resolve_precision
 
 log = logging.getLogger("mimae_scale.engine")
@@ -105,7 +103,7 @@ class Trainer:
         self.consecutive_skips = 0
         self.dropped_micro_batches = 0
         self.nan_steps = faults.nan_loss_steps(env.rank)
-        self.pending_eval: dict[str, float | int] = {}  # online kNN result, added to the next log record
+        self.pending_eval: dict[str, float | int] = {}  # the task's evaluation, added to the next log record
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -132,12 +130,8 @@ class Trainer:
         self.metrics.start(self.total_steps)
         self.sinks.append(self.metrics)
 
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled)
-        if cfg.engine.compile:
-            compile_blocks(model)
-        # CLUB's q: outside the engine, with its own optimiser (mimae_scale.model.club)
-        self.critic = ClubCritic(cfg, self.device) if cfg.loss.w_min > 0 else None
+        self.task = build_task(cfg, env, self.device, fresh=newest is None)  # same initial weights on every rank
+        model = self.task.model
         # DeepSpeed checks non-finite gradients itself whenever it wraps the optimiser (ZeRO 1-3, bf16)
         wrapped = cfg.engine.zero_stage > 0 or deepspeed_bf16(self.precision)
         optimizer = build_optimizer(model, cfg, wrapped_by_deepspeed=wrapped, device=self.device)
@@ -159,8 +153,7 @@ class Trainer:
         self.state = TrainState()
         self.state.register(CONFIG_KEY, RunConfig(cfg), replicated=True)
         self.state.register("trainer", self, replicated=True)
-        if self.critic is not None:
-            self.state.register("critic", self.critic, replicated=True)  # the same q on every rank
+        self.task.register(self.state)
         self.state.register("loader", self.loader, replicated=False)
         self.state.register("rng", RngStreams(self.device), replicated=False)
         self.ckpt.resume(self._load)
@@ -256,17 +249,15 @@ class Trainer:
         """
         number = self.step + 1
         lr = self.schedule(self.step)
-        w_min = min_weight(self.cfg, self.step, self.steps_per_epoch)
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # layer-wise lr decay (fine-tuning)
         loss_sum = torch.zeros((), device=self.device)
         term_sums: dict[str, torch.Tensor] = {}
         for micro, batch in enumerate(micro_batches):
             generator = torch.Generator(self.device).manual_seed(mask_seed(self.cfg.seed, self.env.rank, number, micro))
             images = batch["images"].to(self.device, self.input_dtype, non_blocking=True)  # loaders pin host batches
             with autocast(self.precision, self.device):
-                out = self.engine(images, generator=generator, valid=batch.get("valid"), critic=self.critic,
-                                  w_min=w_min)
+                out = self.task.forward(self.engine, batch, images, generator, self.step, self.steps_per_epoch)
             loss = out.loss * float("nan") if number in self.nan_steps else out.loss
             # A non-finite loss must give non-finite gradients (DeepSpeed's skip test looks at those),
             # even when a term's gradient happens to stay finite. x1.0 is exact, so finite steps are unchanged.
@@ -277,6 +268,8 @@ class Trainer:
             for name, value in out.terms.items():
                 term_sums[name] = term_sums.get(name, 0.0) + value.detach().float()
         self.step = number
+        if self.engine.was_step_applied():
+            self.task.after_step(self.engine, number)  # the weight EMA
         scale = 1.0 / self.accumulation
         return StepOutput(loss=loss_sum * scale, terms={k: v * scale for k, v in term_sums.items()},
                           applied=self.engine.was_step_applied(), lr=lr)
@@ -314,7 +307,9 @@ class Trainer:
             if self.loader.batches_left < self.accumulation:  # epoch done: let the loader move to the next one
                 self.dropped_micro_batches += sum(1 for _ in epoch_iter)
                 epoch_iter = None
-                self._online_knn()
+                self._evaluate(self.loader.epoch, at_epoch_end=True)  # the loader has moved on to the next epoch
+            elif self.step == self.last_step:  # train.max_steps ends the run inside an epoch
+                self._evaluate(self.step // self.steps_per_epoch, at_epoch_end=False)
             self._account(interval, out)
             timing = StepTiming(self.step, self.cfg.train.global_batch, time.perf_counter() - step_started,
                                 interval.data_wait_s - wait_before, out.applied, self.engine.skipped_steps,
@@ -348,15 +343,11 @@ class Trainer:
             self._summary(started_at, time.perf_counter() - wall)
         return EXIT_OK
 
-    def _online_knn(self) -> None:
-        """Every ``eval.knn_every_epochs`` epochs: kNN top-1 of the encoder on ``data.val_shards``."""
-        epochs_done = self.loader.epoch  # the loader has moved on to the next epoch
-        if not knn_due(self.cfg, epochs_done):
-            return
-        result = online_knn(self.engine.module, self.cfg, self.env.rank, self.env.world_size, self.device)
-        self.pending_eval = result
-        log.info("online kNN after epoch %d: top-1 %.4f on %d held-out images (%.1f s)", epochs_done,
-                 result["knn_top1"], result["knn_samples"], result["knn_seconds"])
+    def _evaluate(self, epochs_done: int, at_epoch_end: bool) -> None:
+        """The task's evaluation when due (kNN monitor; classifier top-1), on every rank, for the next log record."""
+        final = self.step >= self.last_step
+        self.task.synchronise(self.engine)
+        self.pending_eval = self.task.evaluate(self.engine, epochs_done, at_epoch_end, final) or self.pending_eval
 
     def _new_interval(self) -> Interval:
         return Interval(loss=torch.zeros((), device=self.device))
@@ -402,7 +393,7 @@ class Trainer:
             "data_wait_s": interval.data_wait_s / interval.steps,
             "skipped_steps": self.engine.skipped_steps,
             "skipped_samples": getattr(self.loader, "skipped_samples", 0),  # unusable samples the loader met
-            **self.pending_eval,  # knn_top1, knn_top5, knn_samples, knn_seconds after a monitor run
+            **self.pending_eval,  # knn_* after a kNN monitor run; val_* (top-1 ...) after a classifier's
         }
         self.pending_eval = {}
         for sink in self.sinks:
@@ -418,6 +409,7 @@ class Trainer:
                   "samples": self.step * cfg.train.global_batch,
                   "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         started = time.perf_counter()
+        self.task.synchronise(self.engine)  # every rank's buffers equal what the checkpoint holds
         self.ckpt.save(self.engine, self.step, self.state, marker)
         self.metrics.on_checkpoint(time.perf_counter() - started, time.time())
         self.last_save = time.monotonic()

@@ -184,8 +184,11 @@ def load_checkpoint(path: str | Path, config: str | Path | None = None) -> Check
 
 
 def load_model(path: str | Path, config: str | Path | None = None) -> tuple[MIMAE, Checkpoint]:
-    """The checkpoint's MIMAE (strict load, eval mode, CPU fp32)."""
+    """The checkpoint's MIMAE (strict load, eval mode, CPU fp32); a classifier's checkpoint is refused."""
     ckpt = load_checkpoint(path, config)
+    if ckpt.cfg.task != "pretrain":
+        raise CheckpointError(f"{ckpt.path}: a {ckpt.cfg.task} classifier checkpoint, not a pretrained encoder; "
+                              "export the classifier with `mimae-export --format timm`")
     model = build_model(ckpt.cfg.model, ckpt.cfg.mask, ckpt.cfg.mi, ckpt.cfg.loss, kernels=ckpt.cfg.kernels.enabled)
     try:
         model.load_state_dict(ckpt.state_dict, strict=True)

@@ -2,10 +2,13 @@
 
     mimae-eval knn     --checkpoint CKPT --train DIR --val DIR [--k 20 --temperature 0.07]
     mimae-eval linear  --checkpoint CKPT --train DIR --val DIR [--epochs 100 --lr 0.1]
-    mimae-eval compare --model mimae=CKPT --model mae=CKPT --random-init --train DIR --val DIR
+    mimae-eval compare --model mimae=CKPT --model mae=CKPT --random-init --train DIR --val DIR \
+                       --reference raw_pixels --reference hog
 
 ``--random-init`` (with ``--config``, or the first ``--model``'s config under ``compare``) evaluates
-a freshly initialised encoder of the same shape: the floor any pretraining must beat. Results are
+a freshly initialised encoder of the same shape: the floor any pretraining must beat. ``--reference``
+adds an encoder with nothing learnt (raw pixels, HOG; mimae_scale/evaluation/reference.py), scored
+by the same loader and probes. Results are
 printed and written as JSON (``--out``). Features come from ``build_eval_loader`` (resize and
 centre crop, every sample once); on a CPU-only machine the ``webdataset`` decoder is used.
 """
@@ -21,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from mimae_scale.config import Config, load_config
 from mimae_scale.evaluation.checkpoint import CheckpointError, load_model
 from mimae_scale.evaluation.features import extract_features
 from mimae_scale.evaluation.knn import knn_evaluate
 from mimae_scale.evaluation.linear_probe import train_linear_probe
+from mimae_scale.evaluation.reference import REFERENCES, describe, reference_encoder
 from mimae_scale.exit_codes import EXIT_CONFIG, EXIT_OK
 from mimae_scale.model import MIMAE, build_model
 
@@ -51,7 +56,7 @@ def random_init_model(cfg: Config, seed: int) -> MIMAE:
     return build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled).eval()
 
 
-def _features(model: MIMAE, cfg: Config, args: argparse.Namespace, device: torch.device, name: str) -> dict:
+def _features(model: nn.Module, cfg: Config, args: argparse.Namespace, device: torch.device, name: str) -> dict:
     model.to(device)
     out = {}
     for split in ("train", "val"):
@@ -60,7 +65,7 @@ def _features(model: MIMAE, cfg: Config, args: argparse.Namespace, device: torch
     return out
 
 
-def evaluate_model(model: MIMAE, cfg: Config, args: argparse.Namespace, device: torch.device, name: str,
+def evaluate_model(model: nn.Module, cfg: Config, args: argparse.Namespace, device: torch.device, name: str,
                    probes: tuple[str, ...]) -> dict[str, Any]:
     start = time.perf_counter()
     feats = _features(model, cfg, args, device, name)
@@ -76,7 +81,7 @@ def evaluate_model(model: MIMAE, cfg: Config, args: argparse.Namespace, device: 
     return result
 
 
-def _models(args: argparse.Namespace) -> list[tuple[str, MIMAE, Config, str]]:
+def _models(args: argparse.Namespace) -> list[tuple[str, nn.Module, Config, str]]:
     """(name, model, cfg, source) for each model the command evaluates."""
     models = []
     for spec in getattr(args, "model", None) or []:
@@ -96,8 +101,16 @@ def _models(args: argparse.Namespace) -> list[tuple[str, MIMAE, Config, str]]:
         else:
             raise CheckpointError("--random-init needs --config (or a checkpoint to copy the shape from)")
         models.append(("random_init", random_init_model(cfg, args.seed), cfg, f"random init, seed {args.seed}"))
+    for name in args.reference or []:
+        if models:
+            cfg = models[0][2]  # the same loader (image size, normalisation) as the encoders
+        elif args.config:
+            cfg = load_config(args.config)
+        else:
+            raise CheckpointError("--reference needs --config (or a checkpoint) for the loader's image size")
+        models.append((name, reference_encoder(name), cfg, describe(name)))
     if not models:
-        raise CheckpointError("nothing to evaluate: give --checkpoint/--model or --random-init")
+        raise CheckpointError("nothing to evaluate: give --checkpoint/--model, --random-init or --reference")
     return models
 
 
@@ -140,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--checkpoint", help="DeepSpeed checkpoint folder, or a run dir / checkpoints dir")
         p.add_argument("--random-init", action="store_true", help="also evaluate a randomly initialised encoder")
+        p.add_argument("--reference", action="append", choices=sorted(REFERENCES),
+                       help="also score an encoder with nothing learnt: raw_pixels or hog (repeat)")
         p.add_argument("--config", help="config name or YAML path (default: the checkpoint's own)")
         p.add_argument("--train", required=True, help="labelled shard set the probes learn from")
         p.add_argument("--val", required=True, help="labelled shard set the probes are scored on")

@@ -1,4 +1,5 @@
-"""``mimae-export CKPT OUT --format timm|mae``: the pretrained encoder in the layouts fine-tuning code loads.
+"""``mimae-export CKPT OUT --format timm|mae``: the pretrained encoder in the layouts fine-tuning code loads,
+or a fine-tuned / probed classifier (``task: finetune | linprobe``) as a whole timm model (``timm`` only).
 
 - ``timm``: a plain state dict that ``timm.create_model(name, num_classes=0, **model_args)`` loads
   with ``strict=True`` (our encoder's names are timm's; ``pos_embed`` already holds the cls row).
@@ -90,6 +91,8 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str, config: str | Path
     """Write ``out`` in ``fmt`` and return a summary (also written next to it as ``<out>.json``)."""
     out = Path(out)
     ckpt = load_checkpoint(checkpoint, config)
+    if ckpt.cfg.task != "pretrain":
+        return _export_classifier(ckpt, out, fmt)
     name, args = timm_model_spec(ckpt.cfg)
     if fmt == "timm":
         tensors = encoder_state_dict(ckpt.state_dict)
@@ -105,6 +108,27 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str, config: str | Path
         "format": fmt, "out": str(out), "checkpoint": str(ckpt.path), "zero_stage": ckpt.zero_stage,
         "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values()),
         "timm_model": name, "timm_args": {"num_classes": 0, **args},
+    }
+    out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _export_classifier(ckpt, out: Path, fmt: str) -> dict[str, Any]:
+    """A fine-tuned or probed classifier, head included, as the timm model its summary names: load it with
+    ``timm.create_model(timm_model, pretrained=True, pretrained_cfg_overlay={"file": out,
+    **pretrained_cfg_overlay}, **timm_args)`` (the overlay's class count keeps timm from dropping the head)."""
+    from mimae_scale.model.classifier import timm_classifier_spec, timm_state_dict
+
+    if fmt != "timm":
+        raise ValueError(f"{ckpt.path} is a {ckpt.cfg.task} classifier: --format {fmt} is for pretrained encoders; "
+                         "use --format timm")
+    tensors = timm_state_dict(ckpt.cfg, ckpt.state_dict)
+    _save(tensors, out)
+    name, args = timm_classifier_spec(ckpt.cfg)
+    summary = {
+        "format": fmt, "out": str(out), "checkpoint": str(ckpt.path), "zero_stage": ckpt.zero_stage,
+        "task": ckpt.cfg.task, "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values()),
+        "timm_model": name, "timm_args": args, "pretrained_cfg_overlay": {"num_classes": args["num_classes"]},
     }
     out.with_name(out.name + ".json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

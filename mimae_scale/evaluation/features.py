@@ -33,19 +33,23 @@ def extract_features(
     pool: Pool = "cls",
     progress: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (n, D) float32 CPU, labels (n,) int64 CPU) from ``model.forward_features``.
+    """(features (n, D) float32 CPU, labels (n,) int64 CPU) from ``model.forward_features``, pooled,
+    or from ``model.image_features`` where it has one (the reference rows, mimae_scale.evaluation.reference).
 
-    The model runs in eval mode (restored afterwards) in its own parameters' device and dtype.
+    The model runs in eval mode (restored afterwards) in its own parameters' device and dtype (a
+    model without parameters, as the references: the CPU in float32).
     ``progress`` names the set in a line printed to stderr every 50 batches.
     """
-    param = next(model.parameters())
+    param = next(model.parameters(), torch.empty(0))
+    direct = getattr(model, "image_features", None)
     was_training = model.training
     model.eval()
     feats, labels = [], []
     try:
         for i, batch in enumerate(batches, 1):
             images = batch["images"].to(param.device, param.dtype, non_blocking=True)
-            pooled = pool_tokens(model.forward_features(images), pool).float().cpu()
+            pooled = direct(images) if direct else pool_tokens(model.forward_features(images), pool)
+            pooled = pooled.float().cpu()
             batch_labels = batch["labels"].reshape(-1).long().cpu()
             if "valid" in batch:
                 valid = batch["valid"].reshape(-1).bool().cpu()

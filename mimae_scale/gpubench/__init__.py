@@ -145,8 +145,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", help=f"comma-separated sections to run ({','.join(SECTIONS)})")
     p.add_argument("--skip", help="comma-separated sections not to run")
     p.add_argument("--out", default="bench/results", help="folder of the results JSON")
-    p.add_argument("--step-configs", default="mimae_l,mae_l,mimae_b,mae_b",
-                   help="step section models: mimae_b, mimae_l, mae_b, mae_l (ViT-B/16, ViT-L/16)")
+    p.add_argument("--step-configs", default="mimae_l,mae_l,mimae_b,mae_b,finetune_b",
+                   help="step section models: mimae_b, mimae_l, mae_b, mae_l (ViT-B/16, ViT-L/16), finetune_b "
+                        "(MAE's ViT-B/16 fine-tuning)")
     p.add_argument("--step-precisions", default="bf16,amp", help="step section: engine.precision values")
     p.add_argument("--step-compile", default="mimae_l", help="step configs also run with engine.compile=true")
     p.add_argument("--time-limit-s", type=float, default=None,

@@ -20,6 +20,7 @@ import os
 import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,16 +35,31 @@ MODELS = {
     "mimae_l": ("mimae_vit_l16", [], 128),
     "mae_b": ("mae_vit_b16", [], 256),
     "mae_l": ("mimae_vit_l16", ["mask.num_masks=1", "loss.w_max=0", "loss.w_min=0"], 128),
+    "finetune_b": ("finetune_vit_b16", [], 128),  # MAE's ViT-B fine-tuning recipe
 }
 SMOKE_MODELS = {
     "mimae_b": ("tiny", [], 8),
     "mae_b": ("tiny", ["mask.num_masks=1", "loss.w_max=0", "loss.w_min=0"], 8),
+    "finetune_b": ("finetune_tiny", [], 8),
 }
+
+
+def held_out_shards(scratch: str | Path) -> str:
+    """A tiny labelled held-out tar (the demo's patterns) for the classifier configs, which need one to
+    start; the step timings never read it."""
+    from mimae_scale.data_tools.demo import write_demo
+
+    root = Path(scratch) / "held_out"
+    if not (root / "val" / "manifest.json").exists():
+        write_demo(root, train_per_class=1, val_per_class=1)
+    return str(root / "val" / "val-000000.tar")
 
 
 def _config(name: str, smoke: bool, run_dir: str, extra: list[str]):
     """The model's shipped config, one rank, one micro-batch per step, synthetic data, no exporter."""
     base, overrides, micro = (SMOKE_MODELS if smoke else MODELS)[name]
+    if base.startswith("finetune"):
+        overrides = [*overrides, f"data.val_shards={held_out_shards(run_dir)}"]
     return load_config(base, [*overrides, f"train.micro_batch={micro}", f"train.global_batch={micro}",
                               "data.backend=synthetic", "metrics.enabled=false", f"run_dir={run_dir}",
                               "engine.zero_stage=1", *extra])
@@ -141,7 +157,7 @@ def engine_step(cfg, device: torch.device, warmup: int, steps: int) -> dict[str,
         def forward():
             gen = torch.Generator(device).manual_seed(mask_seed(cfg.seed, 0, trainer.step + 1, 0))
             with autocast(trainer.precision, device):
-                return engine(images, generator=gen, critic=trainer.critic).loss
+                return trainer.task.forward(engine, batch, images, gen, trainer.step, trainer.steps_per_epoch).loss
 
         split = _split(forward, engine.backward, engine.step, device)
         out = {"step_s": seconds, "host_syncs_per_step": _host_syncs(step, device), **split, **_memory(device),
@@ -151,6 +167,43 @@ def engine_step(cfg, device: torch.device, warmup: int, steps: int) -> dict[str,
         trainer = None  # the engine and its buffers go before the next run's are built
         _reset_memory(device)
     return out
+
+
+def plain_classifier_step(cfg, device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
+    """A fine-tuning step without DeepSpeed: the same timm classifier, layer-decay groups, erasing and
+    Mixup/CutMix and soft-target cross-entropy; fp32 weights (bf16 autocast on a GPU), torch's AdamW."""
+    import torch.nn.functional as F
+
+    from mimae_scale.data.synthetic import SyntheticLoader
+    from mimae_scale.engine.optim import classifier_param_groups
+    from mimae_scale.engine.tasks import BatchAugment
+    from mimae_scale.model.classifier import build_classifier
+
+    _reset_memory(device)
+    torch.manual_seed(cfg.seed)
+    model = build_classifier(cfg).to(device)
+    opt = torch.optim.AdamW(classifier_param_groups(model, cfg), lr=1e-4, betas=cfg.optim.betas,
+                            fused=device.type == "cuda")
+    augment = BatchAugment(cfg, device)
+    batch = next(iter(SyntheticLoader(cfg, 0, 1, device)))
+    images, labels = batch["images"].float(), batch["labels"]
+
+    def forward():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            mixed, soft = augment(images.clone(), labels)
+            logits = model(mixed)
+        return torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+    def optimizer_step():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def step():
+        forward().backward()
+        optimizer_step()
+
+    seconds = _rate(step, device, warmup, steps)
+    return {"step_s": seconds, **_split(forward, torch.Tensor.backward, optimizer_step, device), **_memory(device)}
 
 
 def plain_step(cfg, device: torch.device, warmup: int, steps: int, compile_blocks: bool) -> dict[str, Any]:
@@ -230,7 +283,8 @@ def _section(ctx: Context) -> None:
             tag = f"{name}{'+compile' if compile_blocks else ''}"
             flags = [f"engine.compile={str(compile_blocks).lower()}", f"metrics.ceiling_tflops={ceiling}"]
             base = _config(name, smoke, run_dir, flags)
-            plain = plain_step(base, device, warmup, steps, compile_blocks)
+            plain = (plain_step(base, device, warmup, steps, compile_blocks) if base.task == "pretrain"
+                     else plain_classifier_step(base, device, warmup, steps))
             _rates(plain, base, ceiling, peak)
             ctx.result["runs"][f"{tag}/plain"] = plain
             ctx.record()

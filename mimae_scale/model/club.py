@@ -17,16 +17,18 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from mimae_scale import losses
 from mimae_scale.config import Config
 from mimae_scale.model.heads import ApproximationNetwork
 
-SATURATED = 0.99  # |log-variance| above this sits on tanh's bound: q cannot widen or narrow further
+SATURATED = 0.99  # |log-variance| above this share of mi.club.logvar_cap sits on the cap
 
 
 def club_x_dim(cfg: Config) -> int:
-    """Width of x: a patch's pixels (`token`) or the down-sampled image (`global`)."""
+    """Width of x: a patch's pixels (`token`), the down-sampled image (`global`) or the image (`image`)."""
     m, club = cfg.model, cfg.mi.club
-    return m.patch_size**2 * m.in_chans if club.level == "token" else m.in_chans * club.global_size**2
+    side = {"token": m.patch_size, "global": club.global_size, "image": m.img_size}[club.level]
+    return m.in_chans * side**2
 
 
 def min_weight(cfg: Config, step: int, steps_per_epoch: int) -> float:
@@ -79,7 +81,8 @@ class ClubCritic:
         club = cfg.mi.club
         self.club = club
         self.net = ApproximationNetwork(cfg.model.embed_dim, club.hidden_dim, club_x_dim(cfg),
-                                        learned_variance=club.variance == "learned").to(device)
+                                        learned_variance=club.variance == "learned",
+                                        logvar_cap=club.logvar_cap).to(device)
         self.params = list(self.net.parameters())
         self.optimizer = torch.optim.Adam(self.params, lr=club.q_lr)  # constant, no weight decay
 
@@ -113,17 +116,29 @@ class ClubCritic:
                 "q": nll.detach(),
                 "club_q_gain": blind_gaussian_nll(x, weight) - per_dim_nll,
                 "club_logvar_mean": (logvar * w).sum() / (count * logvar.shape[-1]),
-                "club_logvar_saturated": ((logvar.abs() > SATURATED).float() * w).sum() / (count * logvar.shape[-1]),
+                "club_logvar_saturated": self._saturated(logvar, w, count),
             }
 
-    def upper_bound(self, z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, perm: torch.Tensor,
+    def _saturated(self, logvar: torch.Tensor, w: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Share of q's log-variances on the cap (mi.club.logvar_cap); uncapped, none can be."""
+        if self.club.logvar_cap is None:
+            return torch.zeros((), device=logvar.device)
+        at_cap = (logvar.abs() > SATURATED * self.club.logvar_cap).float()
+        return (at_cap * w).sum() / (count * logvar.shape[-1])
+
+    def upper_bound(self, z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, perm: torch.Tensor | None,
                     impl) -> torch.Tensor:
-        """L_min: the CLUBSample estimate with q's parameters detached, so it moves the encoder only
-        (through q's mean alone with ``mi.club.detach_logvar``)."""
+        """L_min: CLUB's estimate with q's parameters detached, so it moves the encoder only (through
+        q's mean alone with ``mi.club.detach_logvar``). ``mi.club.negatives``: ``sampled`` pairs each
+        z with the x of row ``perm[r]`` (CLUBSample); ``closed_form`` takes every row as a negative,
+        exactly (:func:`mimae_scale.losses.club_closed_form`; ``perm`` unused). The closed form is
+        elementwise plus two column reductions, so it runs as plain PyTorch with or without kernels."""
         with torch.autocast(z.device.type, enabled=False):  # fp32, as in fit
             mu, logvar = self.net(z.float(), detach_params=True)
         if self.club.detach_logvar:
             logvar = logvar.detach()
+        if self.club.negatives == "closed_form":
+            return self._reduce(losses.club_closed_form(mu, logvar, x, weight), x)
         return self._reduce(over_valid_rows(impl.club_upper_bound, weight, mu, logvar, x, perm=perm), x)
 
     def state_dict(self) -> dict:

@@ -25,15 +25,21 @@ class Projector(nn.Module):
 
 
 class ApproximationNetwork(nn.Module):
-    """q_theta(x | z) = N(mu(z), exp(logvar(z))): two 2-layer MLPs, log-variance bounded by Tanh
-    (CLUB's design). With ``learned_variance=False`` the variance is fixed at 1 and only the mean
-    network exists (CLUB's CLUBMean).
+    """q_theta(x | z) = N(mu(z), exp(logvar(z))): two 2-layer MLPs. With ``learned_variance=False``
+    the variance is fixed at 1 and only the mean network exists (CLUB's CLUBMean).
+
+    The log-variance is unbounded unless ``logvar_cap`` is set, then ``cap * tanh(out / cap)`` keeps
+    it inside (-cap, cap). CLUB's own code uses a plain Tanh (cap 1): a variance of at most e times
+    the unit one, so for a well-predicted x (residual variance far below 1) the NLL and the bound
+    stop at the cap instead of q's fit (issue #25: arms sat at it). ``logvar_cap=1`` is that design.
 
     ``detach_params=True`` evaluates with theta detached, so a loss on the output moves only z.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, learned_variance: bool = True) -> None:
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, learned_variance: bool = True,
+                 logvar_cap: float | None = None) -> None:
         super().__init__()
+        self.logvar_cap = logvar_cap
         self.mu_hidden = nn.Linear(in_dim, hidden_dim)
         self.mu_out = nn.Linear(hidden_dim, out_dim)
         self.logvar_hidden = nn.Linear(in_dim, hidden_dim) if learned_variance else None
@@ -51,5 +57,7 @@ class ApproximationNetwork(nn.Module):
         if self.logvar_hidden is None:
             return mu, torch.zeros_like(mu)
         h = F.gelu(self._linear(self.logvar_hidden, z, detach_params))
-        logvar = torch.tanh(self._linear(self.logvar_out, h, detach_params))
+        logvar = self._linear(self.logvar_out, h, detach_params)
+        if self.logvar_cap is not None:
+            logvar = self.logvar_cap * torch.tanh(logvar / self.logvar_cap)
         return mu, logvar

@@ -214,7 +214,8 @@ class MIMAE(nn.Module):
         if self.weights.w_min > 0 and critic is not None:
             z, x, pair_valid = self._club_pairs(imgs, latent, target, ids_keep, rows_valid)
             terms.update(critic.fit(z, x, pair_valid, impl))  # q first, on this step's detached pairs
-            perm = losses.valid_permutation(pair_valid, generator)
+            sampled = self.mi.club.negatives == "sampled"  # closed_form needs no partner rows
+            perm = losses.valid_permutation(pair_valid, generator) if sampled else None
             terms["min"] = critic.upper_bound(z, x, pair_valid, perm, impl)
             loss = loss + (self.weights.w_min if w_min is None else w_min) * terms["min"]
 
@@ -241,8 +242,9 @@ class MIMAE(nn.Module):
         self, imgs: torch.Tensor, latent: torch.Tensor, target: torch.Tensor, ids_keep: torch.Tensor,
         rows_valid: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(z, x, valid) pairs for CLUB: per visible token and its patch (`token`), or per view's
-        pooled latent and the down-sampled image (`global`); x per-patch normalised or raw
+        """(z, x, valid) pairs for CLUB: per visible token and its patch (`token`), per view's
+        pooled latent and the down-sampled image (`global`), or per image its latent and the image
+        itself (`image`, the paper's I(x; z)); x normalised per patch / per image, or raw
         (mi.club.target)."""
         k = self.num_masks
         club = self.mi.club
@@ -253,6 +255,12 @@ class MIMAE(nn.Module):
             tokens = ids_keep.shape[1]
             return (latent[:, 1:].reshape(-1, latent.shape[-1]), x.reshape(-1, x.shape[-1]),
                     rows_valid.repeat_interleave(tokens))
+        if club.level == "image":
+            # The image's latent: the mean over its K views' visible tokens. With orthogonal masks that
+            # cover the grid, that is every patch's token once; one pair per image, not per view.
+            pooled = latent[:, 1:].mean(dim=1).view(-1, k, latent.shape[-1]).mean(dim=1)
+            x = imgs.float().flatten(1)
+            return pooled, losses.normalize_patches(x) if club.target == "norm" else x, rows_valid[::k]
         small = F.adaptive_avg_pool2d(imgs.float(), club.global_size).flatten(1)
         if club.target == "norm":
             small = losses.normalize_patches(small)

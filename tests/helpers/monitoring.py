@@ -46,6 +46,12 @@ def cuda_only(expr: str) -> bool:
     return bool(names) and all(n.startswith("mimae_gpu_memory_") for n in names)
 
 
+def classifier_only(expr: str) -> bool:
+    """Queries of a classifier's held-out accuracy: series only on fine-tuning and probing runs."""
+    names = METRIC_SELECTOR.findall(expr)
+    return bool(names) and all(n == "mimae_val_accuracy_ratio" for n in names)
+
+
 def prometheus_config(workdir: Path) -> Path:
     """The shipped prometheus.yml with the test's short intervals; everything else as shipped."""
     config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
@@ -66,12 +72,15 @@ def grafana_substitute(expr: str, job: str) -> str:
     return expr
 
 
-def check_query(prom: PrometheusServer, title: str, target: dict, job: str) -> None:
+def check_query(prom: PrometheusServer, title: str, target: dict, job: str, classifier_run: bool = False) -> None:
     expr = grafana_substitute(target["expr"], job)
     result = prom.query(expr)
     where = f"panel {title!r}, query {expr}"
     if cuda_only(target["expr"]) and not torch.cuda.is_available():
         assert result == [], f"{where}: GPU memory series on a CPU run"
+        return
+    if classifier_only(target["expr"]) and not classifier_run:
+        assert result == [], f"{where}: classifier accuracy on a pretraining run"
         return
     assert result, f"{where}: no data"
     for series in result:
@@ -87,6 +96,8 @@ def check_query(prom: PrometheusServer, title: str, target: dict, job: str) -> N
         assert {s["metric"]["rank"] for s in result} == {str(r) for r in range(RANKS)}, where
     elif "{{term}}" in legend:
         assert {s["metric"]["term"] for s in result} == LOSS_TERMS, where
+    elif "{{k}}" in legend:
+        assert {(s["metric"]["k"], s["metric"]["weights"]) for s in result} >= {("1", "model"), ("5", "model")}, where
     elif "{{stat}}" in legend:
         assert {s["metric"]["stat"] for s in result} == CLUB_STATS, where
     else:

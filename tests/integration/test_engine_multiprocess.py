@@ -16,20 +16,18 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import webdataset as wds
 
 from mimae_scale.config import load_config
 from mimae_scale.engine.checkpoint import FORMAT, MARKER, tag_for
-from mimae_scale.engine.distributed import free_port
 from mimae_scale.engine.optim import LRSchedule
 from tests.helpers import REPO
+from tests.helpers.jobs import TIMEOUT, Job, complete_steps, records
 
 pytestmark = pytest.mark.slow
 
-TIMEOUT = 420
 # 2 ranks x 16 images per step over 240 demo images: 8 optimiser steps per epoch (the last one
 # padded), so checkpoints every 4 or 5 steps land mid-epoch
 TRAIN = ["train.global_batch=32", "train.micro_batch=16", "checkpoint.every_minutes=600"]
@@ -45,61 +43,8 @@ def demo_data(tmp_path_factory) -> list[str]:
     return ["data.backend=dali", f"data.train_shards={out / 'train'}", *TRAIN]
 
 
-class Job:
-    """One launcher run; its console output goes to a file (a pipe could fill and stall it)."""
-
-    def __init__(self, script: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-               "--master_port", str(self.port), script, *args]
-        self.log = log
-        with open(log, "w") as out:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-    def wait(self) -> int:
-        try:
-            return self.proc.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            pytest.fail(f"job did not finish in {TIMEOUT} s; output:\n{self.output[-4000:]}")
-
-    @property
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def rank_process(self, rank: int) -> psutil.Process:
-        for child in psutil.Process(self.proc.pid).children(recursive=True):
-            if child.environ().get("RANK") == str(rank) and "train.py" in " ".join(child.cmdline()):
-                return child
-        raise AssertionError(f"rank {rank} not found")
-
-    def wait_for_step(self, run_dir: Path, step: int, after: int = 0) -> None:
-        """Block until metrics.jsonl holds a record of ``step`` or later, written after line ``after``."""
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"job ended (status {self.proc.returncode}) before step {step}:\n{self.output[-4000:]}")
-            if any(r["step"] >= step for r in records(run_dir)[after:]):
-                return
-            time.sleep(0.05)
-        pytest.fail(f"no step {step} within {TIMEOUT} s")
-
-
 def train(run_dir: Path, overrides: list[str], log: Path, env: dict[str, str] | None = None) -> Job:
     return Job("mimae_scale/train.py", ["--config", "tiny", f"run_dir={run_dir}", *overrides], log, env)
-
-
-def records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
-
-
-def complete_steps(run_dir: Path) -> list[int]:
-    return sorted(int(p.parent.name.split("_")[1]) for p in (run_dir / "checkpoints").glob(f"step_*/{MARKER}"))
 
 
 def test_zero_stages_0_to_3_train_and_agree(tmp_path, demo_data):

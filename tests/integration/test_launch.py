@@ -30,11 +30,16 @@ from tests.helpers import REPO
 from tests.helpers.slurm_cluster import SlurmCluster, SlurmError
 
 LAUNCH = REPO / "launch"
-LAUNCHERS = {  # script -> (config, default micro-batch cap, run directory name)
-    "vit_l_1600ep.sh": ("mimae_vit_l16", 64, "mimae_vit_l16_1600ep"),
-    "vit_b_400ep.sh": ("mimae_vit_b16", 64, "mimae_vit_b16_400ep"),
-    "mae_vit_b_1600ep.sh": ("mae_vit_b16", 256, "mae_vit_b16_1600ep"),
+LAUNCHERS = {  # script -> (config, default micro-batch cap, run directory name, global batch)
+    "vit_l_1600ep.sh": ("mimae_vit_l16", 64, "mimae_vit_l16_1600ep", 4096),
+    "vit_b_400ep.sh": ("mimae_vit_b16", 64, "mimae_vit_b16_400ep", 4096),
+    "mae_vit_b_1600ep.sh": ("mae_vit_b16", 256, "mae_vit_b16_1600ep", 4096),
+    "finetune_vit_b_100ep.sh": ("finetune_vit_b16", 32, "finetune_vit_b16_100ep", 1024),
+    "finetune_vit_l_50ep.sh": ("finetune_vit_l16", 32, "finetune_vit_l16_50ep", 1024),
+    "linprobe_vit_b_90ep.sh": ("linprobe_vit_b16", 512, "linprobe_vit_b16_90ep", 16384),
 }
+# what a fine-tuning launcher's user sets beside the pretraining ones' (the shards need not exist for a plan)
+CLASSIFIER_ENV = {"MIMAE_INIT": "/shared/runs/mimae_vit_b16_400ep", "MIMAE_VAL_DATA": "/shared/in1k-shards/val"}
 WRITE_TARGETS = LAUNCH / "monitoring" / "write_targets.sh"  # the monitoring piece's; optional for the launcher
 
 
@@ -143,8 +148,9 @@ def planned_command(stdout: str) -> tuple[dict[str, str], list[str]]:
 def test_launcher_plan_is_a_valid_config(slurm, script, nodes, per_node):
     """The srun line each launcher builds: one task per GPU, rendezvous on the first node, and
     overrides that the real config loader accepts with the same global batch on that many ranks."""
-    config, cap, run_name = LAUNCHERS[script]
-    proc = dry_run(slurm, script, nodes, per_node, gpus=per_node, args=("optim.base_lr=2e-4",))
+    config, cap, run_name, global_batch = LAUNCHERS[script]
+    proc = dry_run(slurm, script, nodes, per_node, gpus=per_node, args=("optim.base_lr=2e-4",),
+                   extra_env=CLASSIFIER_ENV)
     assert proc.returncode == 0, proc.stderr
     env, srun = planned_command(proc.stdout)
     world = nodes * per_node
@@ -156,9 +162,12 @@ def test_launcher_plan_is_a_valid_config(slurm, script, nodes, per_node):
     overrides = cmd[4:]
     assert overrides[-1] == "optim.base_lr=2e-4"  # the user's arguments come last
     cfg = load_config(config, overrides)
-    micro = min(cap, 4096 // world)
-    assert (cfg.train.global_batch, cfg.train.micro_batch) == (4096, micro)
-    assert grad_accumulation(cfg, world) * micro * world == 4096
+    micro = min(cap, global_batch // world)
+    assert (cfg.train.global_batch, cfg.train.micro_batch) == (global_batch, micro)
+    assert grad_accumulation(cfg, world) * micro * world == global_batch
+    if cfg.task != "pretrain":
+        assert cfg.finetune.init == CLASSIFIER_ENV["MIMAE_INIT"]
+        assert cfg.data.val_shards == CLASSIFIER_ENV["MIMAE_VAL_DATA"]
     assert cfg.run_dir == str(REPO / "runs" / run_name)
     assert cfg.metrics.bind_address == "0.0.0.0" and cfg.metrics.port_base == 9410
 
@@ -198,11 +207,11 @@ def tiny_job_env(tmp_path: Path) -> dict[str, str]:
 
 
 def submit_tiny(slurm: SlurmCluster, tmp_path: Path, *overrides: str,
-                env: dict[str, str] | None = None) -> tuple[int, Path]:
+                env: dict[str, str] | None = None, script: str = "vit_l_1600ep.sh") -> tuple[int, Path]:
     out = tmp_path / "job.out"
     job = slurm.sbatch(
         ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20",
-         f"--chdir={tmp_path}", f"--output={out}", str(LAUNCH / "vit_l_1600ep.sh"),
+         f"--chdir={tmp_path}", f"--output={out}", str(LAUNCH / script),
          "data.backend=synthetic", "engine.zero_stage=1", *overrides],
         env=env or tiny_job_env(tmp_path),
     )
@@ -242,21 +251,42 @@ def test_scancel_is_not_undone_by_a_requeue(slurm, tmp_path):
     assert "received SIGTERM" in job_output(out)
 
 
+def tiny_classifier_env(tmp_path: Path) -> dict[str, str]:
+    """A fine-tuning launcher on the CPU: the tiny fine-tuning config, a tiny pretrained encoder (one step of
+    the tiny MI-MAE on the synthetic backend) and labelled held-out shards."""
+    shards, pretrained = tmp_path / "shards", tmp_path / "pretrained"
+    tools = Path(sys.executable).parent
+    subprocess.run([str(tools / "mimae-shards"), "demo", str(shards), "--train-per-class", "1", "--val-per-class", "1"],
+                   check=True, capture_output=True, timeout=120)
+    cmd = [sys.executable, "mimae_scale/train.py", "--config", "tiny", "data.backend=synthetic",
+           f"run_dir={pretrained}", "train.max_steps=1", "engine.zero_stage=0", "metrics.enabled=false"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return {"MIMAE_CONFIG": "finetune_tiny", "MIMAE_INIT": str(pretrained), "MIMAE_VAL_DATA": str(shards / "val")}
+
+
 @pytest.mark.slow
-def test_preempted_job_checkpoints_requeues_resumes_and_finishes(slurm, tmp_path):
+@pytest.mark.parametrize(("script", "job_name"), [("vit_l_1600ep.sh", "mimae_vit_l16_1600ep"),
+                                                  ("finetune_vit_b_100ep.sh", "finetune_vit_b16_100ep")])
+def test_preempted_job_checkpoints_requeues_resumes_and_finishes(slurm, tmp_path, script, job_name):
     """Real launcher, real trainer, real Slurm: USR2 to the batch shell (what ``--signal=B:USR2@120``
     sends before a time limit) -> checkpoint, exit 75, ``scontrol requeue`` -> the rerun (with
-    SLURM_RESTART_COUNT=1) resumes from that checkpoint and finishes; the finished job is not requeued."""
+    SLURM_RESTART_COUNT=1) resumes from that checkpoint and finishes; the finished job is not requeued.
+    For pretraining and for fine-tuning (which starts from MIMAE_INIT's encoder and reports top-1)."""
     max_steps, log_every = 20, 5
     # Submitted from a shell with torchrun-style rank variables (sbatch exports them to the job):
     # the ranks must still take their places from srun, not all become rank 0 of a world of 1.
     env = {**tiny_job_env(tmp_path), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
-    job, out = submit_tiny(slurm, tmp_path, f"train.max_steps={max_steps}", f"train.log_every={log_every}", env=env)
+    if script.startswith("finetune"):
+        env.update(tiny_classifier_env(tmp_path))
+    job, out = submit_tiny(slurm, tmp_path, f"train.max_steps={max_steps}", f"train.log_every={log_every}", env=env,
+                           script=script)
     run_dir = tmp_path / "run"
     metrics = run_dir / "metrics.jsonl"
 
     # Preempt once training is under way: the first log line is in metrics.jsonl.
-    targets = tmp_path / "targets" / "mimae_vit_l16_1600ep.json"
+    targets = tmp_path / "targets" / f"{job_name}.json"
     seen_targets = None
     deadline = time.monotonic() + 300
     while not read_steps(metrics):
@@ -293,11 +323,16 @@ def test_preempted_job_checkpoints_requeues_resumes_and_finishes(slurm, tmp_path
     assert (checkpoints / f"step_{stop_step:09d}").is_dir() and (checkpoints / f"step_{max_steps:09d}").is_dir()
     assert (run_dir / "config.yaml").exists() and (run_dir / "ds_config.json").exists()
 
+    if script.startswith("finetune"):  # the encoder came from MIMAE_INIT; the end reported top-1 on all 10 images
+        assert f"encoder from {env['MIMAE_INIT']}" in (run_dir / "train.log").read_text()
+        last = json.loads(metrics.read_text().splitlines()[-1])
+        assert last["step"] == max_steps and last["val_samples"] == 10 and 0 <= last["val_top1"] <= 1
+
     # Each rank's exporter was announced to Prometheus while the job ran, and withdrawn at the end.
     if WRITE_TARGETS.exists():
         port = int(env["MIMAE_METRICS_PORT"])
         assert seen_targets == [{"targets": [f"localhost:{port}", f"localhost:{port + 1}"],
-                                 "labels": {"job": "mimae_vit_l16_1600ep", "node": "localhost"}}], seen_targets
+                                 "labels": {"job": job_name, "node": "localhost"}}], seen_targets
         assert not targets.exists()
 
 

@@ -68,7 +68,9 @@ def _run(model, critic, imgs, seed, bf16):
 def _models(seed):
     with torch.random.fork_rng():  # weights from the test's seed too, so a printed seed replays
         torch.manual_seed(seed)
-        cfg = load_config("tiny", ["kernels.enabled=on"])
+        # sampled negatives: the CLUBSample kernel runs too (the default closed form is plain PyTorch
+        # in both implementations, tested against float64 in test_club.py)
+        cfg = load_config("tiny", ["kernels.enabled=on", "mi.club.negatives=sampled"])
         on, critic = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled), ClubCritic(cfg)
     off = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels="off")
     off.load_state_dict(on.state_dict())

@@ -50,8 +50,9 @@ def test_flops_hand_count_vit_l16_k4():
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["mask.num_masks=1", "loss.w_max=0", "loss.w_min=0"], ["mi.club.level=global", "mask.strategy=independent"]],
-    ids=["mimae", "mae", "club-global"],
+    [[], ["mask.num_masks=1", "loss.w_max=0", "loss.w_min=0"], ["mi.club.level=global", "mask.strategy=independent"],
+     ["mi.club.level=image"]],
+    ids=["mimae", "mae", "club-global", "club-image"],
 )
 def test_flops_match_torch_flop_counter(overrides, gen):
     """torch's FlopCounterMode on the real model's forward + backward, with the convention's known
@@ -73,8 +74,8 @@ def test_flops_match_torch_flop_counter(overrides, gen):
     over = 2 * patch_dim * m.embed_dim * cfg.num_patches * batch  # no gradient for the input images
     if cfg.loss.w_min > 0:
         club = cfg.mi.club
-        x_dim = patch_dim if club.level == "token" else 3 * club.global_size**2
-        rows = (k * visible if club.level == "token" else k) * batch
+        x_dim = 3 * {"token": 4, "global": club.global_size, "image": 32}[club.level] ** 2
+        rows = {"token": k * visible, "global": k, "image": 1}[club.level] * batch
         # q's fits: z detached, no input gradient; L_min: q detached, no weight gradients (2 MLPs each)
         over += club.q_steps * 2 * 2 * m.embed_dim * club.hidden_dim * rows
         over += 2 * 2 * (m.embed_dim * club.hidden_dim + club.hidden_dim * x_dim) * rows
@@ -124,7 +125,8 @@ def test_exporter_values_and_labels(seed):
         record = log_record(rng, step=10, epoch=1.25, skipped_samples=2)
         metrics.on_log(record)
         text_before_knn = http_get(f"http://127.0.0.1:{base + 1}/metrics")
-        metrics.on_log({**record, "skipped_samples": 5, "knn_top1": 0.375})  # the online kNN monitor ran
+        metrics.on_log({**record, "skipped_samples": 5, "knn_top1": 0.375,  # the online kNN monitor ran
+                        "val_top1": 0.625, "val_top5": 0.875, "ema_val_top1": 0.6875})  # and a classifier's
         completed = time.time()
         metrics.on_checkpoint(1.25, completed)
         text = http_get(f"http://127.0.0.1:{base + 1}/metrics")  # port_base + local rank
@@ -170,6 +172,11 @@ def test_exporter_values_and_labels(seed):
     assert _one(fam, "mimae_checkpoint_save_duration_seconds") == 1.25
     assert _one(fam, "mimae_knn_top1_ratio") == 0.375
     assert not _families(text_before_knn).get("mimae_knn_top1_ratio")  # no series before the monitor ran
+    assert _one(fam, "mimae_val_accuracy_ratio", k="1", weights="model") == 0.625
+    assert _one(fam, "mimae_val_accuracy_ratio", k="5", weights="model") == 0.875
+    assert _one(fam, "mimae_val_accuracy_ratio", k="1", weights="ema") == 0.6875
+    assert len(fam["mimae_val_accuracy_ratio"]) == 3  # no EMA top-5 was reported
+    assert not _families(text_before_knn).get("mimae_val_accuracy_ratio")
     assert _one(fam, "mimae_checkpoint_last_complete_timestamp_seconds") == completed
     info = fam["mimae_run_info"][0].labels
     assert (info["num_masks"], info["zero_stage"], info["world_size"]) == ("4", "1", "2")

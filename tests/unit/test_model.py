@@ -60,7 +60,7 @@ def _grad_names(model, loss):
     return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
 
 
-@pytest.mark.parametrize("level", ["token", "global"])
+@pytest.mark.parametrize("level", ["token", "global", "image"])
 def test_club_gradient_isolation(gen, level):
     """q's updates happen inside forward and touch no model parameter; L_min moves the encoder only."""
     cfg = tiny(f"mi.club.level={level}")

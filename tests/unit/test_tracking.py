@@ -40,6 +40,8 @@ def test_tags_group_every_record_key_and_drop_what_is_not_a_finite_number():
     assert scalars["optim/lr"] == 0.002 and scalars["speed/images_per_s"] == 102.0
     assert scalars["progress/skipped_samples"] == 1.0
     assert not {"loss/min", "club/logvar_mean", "optim/grad_norm", "other/flag", "other/step"} & set(scalars)
+    classifier = scalars_of({"step": 9, "val_top1": 0.5, "ema_val_top1": 0.25, "loss_ce": 1.0})
+    assert classifier == {"eval/val_top1": 0.5, "eval/ema_val_top1": 0.25, "loss/ce": 1.0}
 
 
 def test_tensorboard_gets_the_records_numbers_images_and_config_and_a_resume_replaces_repeated_steps(tmp_path):
