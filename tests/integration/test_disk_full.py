@@ -24,7 +24,9 @@ from tests.helpers.shard_helpers import jpeg_bytes
 pytestmark = pytest.mark.slow
 
 TIMEOUT = 300
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# without a rendezvous another test of this process may have left in the environment
+ENV = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                       "LOCAL_RANK")} | {"OMP_NUM_THREADS": "1"}
 
 
 @contextlib.contextmanager

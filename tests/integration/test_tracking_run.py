@@ -17,13 +17,15 @@ from tests.helpers import REPO, wandb_offline
 pytestmark = pytest.mark.slow
 
 TIMEOUT = 300
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 BASE = ["--config", "tiny", "data.backend=synthetic", "train.steps_per_epoch=8", "train.global_batch=32",
         "train.micro_batch=16", "train.log_every=2", "checkpoint.every_minutes=600", "metrics.enabled=false"]
 
 
 def _train(run_dir, *extra: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    env.pop("WANDB_API_KEY", None)
+    # a rendezvous another test of this process left in the environment would be this run's too
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS and k != "WANDB_API_KEY"}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true")
     done = subprocess.run([sys.executable, "mimae_scale/train.py", *BASE, f"run_dir={run_dir}", *extra], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
