@@ -5,7 +5,10 @@ its rejected inputs). A chunk is the unit of parallel work and of restart: its s
 small record (``.parts/<shard>.json``: count, checksum, rejections) are each written atomically,
 the record last. A re-run skips chunks that have a record, so an interrupted build finishes
 without duplicating or losing samples. The settings are fixed by the first run (``.parts/build.json``);
-a re-run with different settings or inputs is refused.
+a re-run with different settings or inputs is refused. A full disk (ENOSPC/EDQUOT) stops the build
+with :class:`DiskFull` (one line: the folder, about how much more it needs, what is free); the
+finished chunks stay, the temporary files of the unfinished ones go, and the same command finishes
+the build once there is room.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ from mimae_scale.data_tools.shards import (
 )
 from tqdm import tqdm
 
+from mimae_scale.diskfull import DiskFull, disk_full_errno, free_bytes, human_bytes, release_files
 from mimae_scale.fileio import write_json_atomic, write_text_atomic
 
 PARTS = ".parts"
+TAR_RECORD = 10240  # tarfile pads every archive to a multiple of this
 
 
 class BuildError(Exception):
@@ -155,6 +160,20 @@ def build(
                 continue
         jobs.append((out_dir, name, shuffled[start : start + size], settings.encode))
 
+    chunks = [*records, *(job[1] for job in jobs)]
+    try:
+        return _run(src, out_dir, settings, jobs, records, items, classes, workers, progress)
+    except Exception as exc:
+        code = disk_full_errno(exc, out_dir)
+        if code is None:
+            raise
+        release_files(exc)
+        raise _disk_full(code, out_dir, jobs, chunks) from None
+
+
+def _run(src: Path, out_dir: Path, settings: BuildSettings, jobs: list, records: dict[str, Any],
+         items: list[tuple[str, int]], classes: list[str], workers: int, progress: bool) -> dict[str, Any]:
+    """Build the chunks of ``jobs`` (adding their records to ``records``), then the manifest."""
     done = sum(r["inputs"] for r in records.values())
     with tqdm(total=len(items), initial=done, unit="img", disable=not progress, desc="build") as bar:
         if workers > 1 and len(jobs) > 1:
@@ -181,3 +200,20 @@ def build(
         reencoded=sum(rec["reencoded"] for rec in ordered),
         tool="mimae-shards build",
     )
+
+
+def _disk_full(code: int, out_dir: Path, jobs: list, chunks: list[str]) -> DiskFull:
+    """Remove the unfinished chunks' temporary files (workers killed mid-write leave them under their
+    own pid, which no later run would reuse) and describe what is left to build."""
+    for tmp in [*out_dir.glob(".*.tmp-*"), *(out_dir / PARTS).glob(".*.tmp-*")]:
+        tmp.unlink(missing_ok=True)
+    unfinished = [job for job in jobs if not (out_dir / PARTS / (job[1] + ".json")).exists()]
+    # the inputs still to encode (their JPEG bytes are kept unless re-encoded) plus the tar format's
+    # share: per sample three 512-byte headers, the .cls and .path.txt blocks and half a block of
+    # padding; per shard the 10240-byte end-of-archive record
+    inputs = [path for job in unfinished for _, path, _ in job[2]]
+    left = sum(Path(p).stat().st_size for p in inputs if Path(p).is_file()) + 2816 * len(inputs)
+    left += TAR_RECORD * len(unfinished)
+    return DiskFull(code, "shards into", out_dir, f"about {human_bytes(left)} more", free_bytes(out_dir),
+                    f"{len(chunks) - len(unfinished)} of {len(chunks)} shards done and kept; run the same command "
+                    "again to finish the build once there is room")

@@ -17,7 +17,8 @@ from mimae_scale.data_tools.remote_set import default_stage, publish
 from mimae_scale.data_tools.verify import verify
 
 from mimae_scale.data import remote
-from mimae_scale.exit_codes import EXIT_CONFIG, EXIT_ERROR, EXIT_OK
+from mimae_scale.diskfull import DiskFull
+from mimae_scale.exit_codes import EXIT_CONFIG, EXIT_DISK_FULL, EXIT_ERROR, EXIT_OK
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -43,6 +44,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     except remote.RemoteError as e:
         print(f"mimae-shards build: upload failed: {e} (staged in {out}; run the same command again)", file=sys.stderr)
         return EXIT_ERROR
+    except DiskFull as e:
+        print(f"mimae-shards build: {e}", file=sys.stderr)
+        return EXIT_DISK_FULL
     dt = time.perf_counter() - t0
     print(
         f"{m['total_inputs']} inputs -> {m['total_samples']} samples in {len(m['shards'])} shards "

@@ -9,10 +9,11 @@
 # their step, write a checkpoint and exit 75; then this script runs `scontrol requeue` and the job
 # comes back with the same id and run directory and resumes from the newest complete checkpoint.
 # Exit 0 (schedule done) never requeues, nor does a failure without USR2 (bad config 2, non-finite
-# loss 3, crash 1). Any exit after USR2 requeues: the newest complete checkpoint is intact, and only a
-# new USR2 can requeue again. SIGTERM (scancel, or the end of a grace period) also makes the ranks
-# checkpoint, but never requeues: a requeue would undo a user's scancel (resubmit the same script to
-# resume). Before srun, the configuration is validated for the real world size (exit 2, no ranks).
+# loss 3, crash 1), nor a full disk (74, even after USR2). Any other exit after USR2 requeues: the
+# newest complete checkpoint is intact, and only a new USR2 can requeue again. SIGTERM (scancel, or
+# the end of a grace period) also makes the ranks checkpoint, but never requeues: a requeue would undo
+# a user's scancel (resubmit the same script to resume). Before srun, the configuration is validated
+# for the real world size (exit 2, no ranks).
 #
 # Site settings, all optional (defaults in brackets). Resources are ordinary sbatch options:
 #   sbatch --nodes=N --ntasks-per-node=G --gpus-per-node=G [--partition=P] [--account=A]
@@ -42,11 +43,13 @@
 # instead of hanging them), NCCL_DEBUG=WARN, PYTHONUNBUFFERED=1, PYTHONFAULTHANDLER=1.
 
 # The trainer's exit statuses this script acts on (docs/CLUSTER.md, "Exit codes"): the values of
-# mimae_scale/exit_codes.py's EXIT_OK, EXIT_ERROR, EXIT_REQUEUE and EXIT_CONFIG, which a test holds them to.
+# mimae_scale/exit_codes.py's EXIT_OK, EXIT_ERROR, EXIT_REQUEUE, EXIT_CONFIG and EXIT_DISK_FULL, which a
+# test holds them to.
 readonly MIMAE_EXIT_OK=0
 readonly MIMAE_EXIT_ERROR=1
 readonly MIMAE_EXIT_REQUEUE=75
 readonly MIMAE_EXIT_CONFIG=2
+readonly MIMAE_EXIT_DISK_FULL=74
 
 mimae_log() {
   printf '[mimae-launch %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2
@@ -259,6 +262,12 @@ mimae_after_ranks() {
   if ((rc == MIMAE_EXIT_OK)); then
     mimae_log "training finished: not requeueing"
     exit "$MIMAE_EXIT_OK"
+  fi
+  # 74: the disk filled during a checkpoint (the previous one is intact). Never requeued, not even
+  # after USR2: the requeued job would meet the same full disk and lose its queue time again.
+  if ((rc == MIMAE_EXIT_DISK_FULL)); then
+    mimae_log "disk full (status $rc, see train.log): not requeueing; free space, then resubmit the same script to resume"
+    exit "$rc"
   fi
   # 75: every rank wrote its part of a checkpoint. Any other failure after our USR2 (a rank that
   # the signal caught before its handler was installed, say) also requeues: the newest complete

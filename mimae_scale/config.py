@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import re
 import types
@@ -239,6 +240,16 @@ class EvalConfig:
     pool: Literal["cls", "mean"] = "mean"  # the monitor's features: cls token or patch mean (mimae-eval: --pool)
 
 
+@dataclass
+class TrackingConfig:
+    """Run tracking for comparing runs, rank 0 only: TensorBoard and Weights & Biases (docs/MONITORING.md)."""
+
+    tensorboard: bool = True  # TensorBoard event files in <run_dir>/tensorboard (the `tracking` extra)
+    wandb: bool = False  # also log to Weights & Biases (WANDB_MODE=offline: no network, sync later)
+    wandb_project: str = "mimae_scale"  # the W&B project the run goes to
+    image_every_steps: int = 1000  # reconstruction grid of a fixed batch every N steps; 0 = none
+
+
 # The sections a resumed run must share with its checkpoint (everything else may change on resume);
 # the fingerprint hashes them, and the model is built from them alone (mimae_scale.model.build_model).
 METHOD_SECTIONS = ("model", "mask", "mi", "loss")
@@ -282,6 +293,7 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)  # Triton kernels or references
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # Prometheus exporters
     eval: EvalConfig = field(default_factory=EvalConfig)  # online kNN monitor
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # TensorBoard and W&B
 
     @property
     def num_patches(self) -> int:
@@ -541,6 +553,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(cfg.eval.knn_temperature > 0, "eval.knn_temperature", "must be positive")
     _check(cfg.eval.knn_every_epochs == 0 or bool(cfg.data.val_shards), "data.val_shards",
            "the online kNN monitor (eval.knn_every_epochs > 0) needs a held-out shard set")
+    tr = cfg.tracking
+    _check(tr.image_every_steps >= 0, "tracking.image_every_steps", "must be >= 0 (0: no images)")
+    _check(not tr.wandb or bool(tr.wandb_project.strip()), "tracking.wandb_project", "must name a project")
+    for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        _check(not getattr(tr, name) or importlib.util.find_spec(module) is not None, f"tracking.{name}",
+               f"the {module} package is not installed: pip install 'mimae-scale[tracking]', or set "
+               f"tracking.{name}=false")
 
 
 def grad_accumulation(cfg: Config, world_size: int) -> int:

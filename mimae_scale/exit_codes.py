@@ -11,6 +11,9 @@ EXIT_ERROR = 1  # any other error (a crash): the log says what
 # checkpoint of another method or one that cannot be read. Argparse's usage errors are 2 as well.
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3  # train.max_consecutive_skips non-finite steps in a row; the last checkpoint is intact
+# EX_IOERR: the disk filled (ENOSPC/EDQUOT) while writing a checkpoint or shards; the previous checkpoint
+# is intact. Launchers do not requeue it: the requeued job would meet the same full disk.
+EXIT_DISK_FULL = 74
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal after a complete checkpoint; a launcher requeues
 
 

@@ -105,6 +105,8 @@ class TrainingMetrics:
         self._window_images = 0
         self._window_seconds = 0.0
         self._rejected = 0
+        # what on_log derived from the record (model FLOP/s, MFU), for the run trackers to log as set here
+        self.derived: dict[str, float] = {}
 
         reg = self.registry
         ProcessCollector(registry=reg)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
@@ -260,16 +262,20 @@ class TrainingMetrics:
 
         Throughput is this rank's images over the summed step time since the previous log step.
         """
+        self.derived = {}
         if self._window_seconds > 0:
             images_per_s = self._window_images / self._window_seconds
             self._images_per_s.set(images_per_s)
             self._tokens_per_s.set(images_per_s * self._tokens_per_image)
             flops = images_per_s * self._flops_per_image
             self._flops_per_s.set(flops)
+            self.derived["model_flops_per_s"] = flops
             if self._mfu is not None:
-                self._mfu.set(flops / (self.ceiling_tflops * 1e12))
+                self.derived["mfu"] = flops / (self.ceiling_tflops * 1e12)
+                self._mfu.set(self.derived["mfu"])
             if self._mfu_datasheet is not None:
-                self._mfu_datasheet.set(flops / (self.peak_tflops * 1e12))
+                self.derived["mfu_datasheet"] = flops / (self.peak_tflops * 1e12)
+                self._mfu_datasheet.set(self.derived["mfu_datasheet"])
         self._window_images, self._window_seconds = 0, 0.0
 
         step = _number("step", record["step"])

@@ -1,7 +1,9 @@
 """Train MI-MAE: ``python|deepspeed|torchrun|srun ... mimae_scale/train.py --config NAME [key.sub=value ...]``.
 
 Exit status: 0 finished (schedule or train.max_steps); 75 stopped by SIGUSR2/SIGTERM after a
-checkpoint (requeue); 3 too many consecutive non-finite steps (last checkpoint intact); 2 bad
+checkpoint (requeue); 74 the disk filled while writing a checkpoint (one line naming the path, the
+bytes needed and free; the previous checkpoint intact, the partial one removed; not requeued);
+3 too many consecutive non-finite steps (last checkpoint intact); 2 bad
 configuration or input (nothing ran: a config error, unusable shards, a checkpoint of another
 method, every checkpoint damaged), one line naming the setting or files; 1 any other error.
 """
@@ -23,11 +25,12 @@ import logging
 from mimae_scale.config import ConfigError, load_config, validate
 from mimae_scale.data import remote
 from mimae_scale.data.shardset import DataError
+from mimae_scale.diskfull import DiskFull
 from mimae_scale.engine.checkpoint import CheckpointMismatch, CheckpointUnusable
 from mimae_scale.engine.distributed import detect_env
 from mimae_scale.engine.signals import StopRequest
 from mimae_scale.engine.trainer import Trainer
-from mimae_scale.exit_codes import EXIT_CONFIG, EXIT_ERROR
+from mimae_scale.exit_codes import EXIT_CONFIG, EXIT_DISK_FULL, EXIT_ERROR
 
 log = logging.getLogger("mimae_scale.engine")
 
@@ -75,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointMismatch, CheckpointUnusable) as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         return EXIT_CONFIG
-    return trainer.run()
+    try:
+        return trainer.run()
+    except DiskFull as exc:
+        log.error("DiskFull: %s", exc)
+        return EXIT_DISK_FULL
 
 
 if __name__ == "__main__":

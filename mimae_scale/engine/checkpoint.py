@@ -45,6 +45,15 @@ import torch
 import torch.distributed as dist
 
 from mimae_scale.config import Config, method_sections
+from mimae_scale.diskfull import (
+    DiskFull,
+    disk_full_errno,
+    free_bytes,
+    human_bytes,
+    release_files,
+    remove_tree,
+    tree_bytes,
+)
 from mimae_scale.engine import faults
 from mimae_scale.fileio import atomic_path, write_text_atomic
 
@@ -265,6 +274,11 @@ class Complete:
     files: dict[str, dict[str, Any]]  # relative name -> {"size", "sha256"}
 
 
+def checkpoint_bytes(chosen: Complete) -> int:
+    """The size of a complete checkpoint, from its marker."""
+    return sum(entry["size"] for entry in chosen.files.values())
+
+
 def _read_marker(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -306,7 +320,9 @@ class CheckpointManager:
     # -- writing -------------------------------------------------------------------------------
 
     def save(self, engine, step: int, state: TrainState, marker: dict[str, Any]) -> Path:
-        """Every rank calls this at the same step. Returns the tag directory once it is complete."""
+        """Every rank calls this at the same step. Returns the tag directory once it is complete.
+        A full disk (ENOSPC/EDQUOT) raises :class:`DiskFull` after removing the partial tag: the
+        previous checkpoint stays the newest."""
         tag = tag_for(step)
         tag_dir = self.root / tag
         started = time.perf_counter()
@@ -314,11 +330,26 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             if tag_dir.exists():  # left by a save that crashed at this step before: never half-reuse it
                 shutil.rmtree(tag_dir)
+            self._check_space()
         dist.barrier()
+        try:
+            self._write(engine, step, state, marker, tag_dir)
+        except Exception as exc:
+            code = disk_full_errno(exc, tag_dir)
+            if code is None:
+                raise
+            release_files(exc)  # before measuring the free space
+            raise self._disk_full(code, tag_dir) from None  # the one line says it all: no traceback
+        log.info("checkpoint %s complete (%.1f s)", tag_dir, time.perf_counter() - started)
+        return tag_dir
+
+    def _write(self, engine, step: int, state: TrainState, marker: dict[str, Any], tag_dir: Path) -> None:
+        tag = tag_dir.name
         engine.save_checkpoint(str(self.root), tag=tag, client_state=state.client_state(), save_latest=False)
         with atomic_path(tag_dir / rank_file(self.rank)) as tmp:
             torch.save(state.rank_state(), tmp)
         faults.maybe_crash_in_save(step, self.rank)
+        faults.maybe_edquot_in_save(step, self.rank, tag_dir)
         dist.barrier()  # every rank has written everything it owns
         names = [sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file())]
         dist.broadcast_object_list(names, src=0)  # rank 0's listing is the checkpoint
@@ -332,8 +363,42 @@ class CheckpointManager:
             write_text_atomic(self.root / LATEST, tag + "\n")
             self._prune(keep=tag)
         dist.barrier()  # nobody leaves (or exits) before the checkpoint counts
-        log.info("checkpoint %s complete (%.1f s)", tag_dir, time.perf_counter() - started)
-        return tag_dir
+
+    # -- a full disk -----------------------------------------------------------------------------
+
+    def _check_space(self) -> None:
+        """Rank 0, before a save: warn when this save, or the one after it, will not fit, judged by
+        the last checkpoint's size (a save needs room for a whole new tag before the oldest is pruned)."""
+        done = self.complete()
+        if not done:
+            return
+        size, free = checkpoint_bytes(done[-1]), free_bytes(self.root)
+        pruned = sum(checkpoint_bytes(c) for c in done[: max(0, len(done) + 1 - self.keep_last)])
+        if free < size:
+            log.warning("DISK SPACE: %s free on %s, the last checkpoint (%s) took %s: this save will probably fail",
+                        human_bytes(free), self.root, done[-1].tag, human_bytes(size))
+        elif free - size + pruned < size:
+            log.warning("DISK SPACE: %s free on %s: room for this checkpoint (%s) but not for the next one; free "
+                        "space or lower checkpoint.keep_last", human_bytes(free), self.root, human_bytes(size))
+
+    def _disk_full(self, code: int, tag_dir: Path) -> DiskFull:
+        """Remove the partial tag (not a complete one: its marker made it count) and describe the state."""
+        written = tree_bytes(tag_dir)
+        if not (tag_dir / MARKER).exists():
+            remove_tree(tag_dir)
+        previous = self.newest()
+        if previous is not None and previous.tag != tag_dir.name:
+            kept = f"partial checkpoint removed, {previous.tag} kept as the latest"
+        elif previous is not None:
+            kept = f"{previous.tag} was completed before that and is kept"
+        else:
+            kept = "partial checkpoint removed, there is no earlier checkpoint"
+        if previous is not None:
+            needed = f"{human_bytes(checkpoint_bytes(previous))} as {previous.tag} did"
+        else:  # the first checkpoint: what it had written when the disk filled is a lower bound
+            needed = f"more than {human_bytes(written)} (written when the disk filled)"
+        return DiskFull(code, "checkpoint", tag_dir, needed, free_bytes(self.root),
+                        f"{kept}; free space, then run the same command to resume")
 
     def _prune(self, keep: str) -> None:
         """Delete complete checkpoints beyond the newest ``keep_last`` and every interrupted one (a

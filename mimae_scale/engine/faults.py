@@ -5,12 +5,17 @@ arm a fault without touching the configuration or its fingerprint:
   1-based step number of metrics.jsonl) becomes NaN before backward, as a numerical blow-up would.
 - ``MIMAE_FAULT_CRASH_IN_SAVE="RANK:STEP"``: rank RANK SIGKILLs itself while writing the checkpoint
   of step STEP, after its DeepSpeed files are on disk and before the checkpoint is complete.
+- ``MIMAE_FAULT_EDQUOT_IN_SAVE="RANK:STEP"``: at the same point, rank RANK's write fails with EDQUOT
+  (disk quota exceeded), which a test cannot get from a real filesystem without quotas set up
+  (ENOSPC is tested on a real, small tmpfs).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+from pathlib import Path
 
 
 def _parse(name: str) -> tuple[int, set[int]] | None:
@@ -34,3 +39,9 @@ def maybe_crash_in_save(step: int, rank: int) -> None:
     parsed = _parse("MIMAE_FAULT_CRASH_IN_SAVE")
     if parsed and parsed[0] == rank and step in parsed[1]:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_edquot_in_save(step: int, rank: int, tag_dir: Path) -> None:
+    parsed = _parse("MIMAE_FAULT_EDQUOT_IN_SAVE")
+    if parsed and parsed[0] == rank and step in parsed[1]:
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(tag_dir / "mimae_fault_edquot"))

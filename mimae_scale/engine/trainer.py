@@ -44,6 +44,7 @@ from mimae_scale.engine.optim import LRSchedule, build_optimizer, peak_lr
 from mimae_scale.engine.reporting import ConsoleSink, JsonlSink, MetricsSink, StepTiming
 from mimae_scale.engine.signals import StopRequest
 from mimae_scale.engine.tasks import build_task
+from mimae_scale.engine.tracking import trackers
 from mimae_scale.exit_codes import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
 from mimae_scale.metrics import LOSS_TERMS, TrainingMetrics
 from mimae_scale.precision import autocast, deepspeed_bf16, input_dtype, resolve_precision
@@ -161,6 +162,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
             write_ds_config(self.ds_config, self.run_dir / "ds_config.json")
             self.sinks += [JsonlSink(self.run_dir / "metrics.jsonl"), ConsoleSink(self.last_step)]
+            self.sinks += trackers(cfg, self.run_dir, self.step, self.engine.module, self.device, self.metrics)
         self._log_settings()
         self.last_save = time.monotonic()
 

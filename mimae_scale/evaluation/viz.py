@@ -59,13 +59,13 @@ def reconstruction_panels(
     try:
         param = next(model.parameters())
         images = images.to(param.device, param.dtype)
-        out = model(images, generator=generator)
+        pred, mask = model.reconstruct(images, generator=generator)  # the loss terms are not drawn
     finally:
         model.train(was_training)
     b, k = images.shape[0], model.num_masks
     target = model.patchify(images).repeat_interleave(k, dim=0)  # (B*K, N, P)
-    recon = model.unpatchify(denormalize_prediction(out.pred, target))
-    hidden = model.unpatchify(out.mask.float()[..., None].expand_as(target))  # 1 where hidden
+    recon = model.unpatchify(denormalize_prediction(pred, target))
+    hidden = model.unpatchify(mask.float()[..., None].expand_as(target))  # 1 where hidden
     rows = images.float().repeat_interleave(k, dim=0)
     pasted = rows * (1 - hidden) + recon * hidden
 
@@ -81,7 +81,7 @@ def reconstruction_panels(
         original=display(images.float()).cpu(),
         visible=visible.reshape(shape).cpu(),
         reconstruction=display(pasted).reshape(shape).cpu(),
-        mask=out.mask.reshape(b, k, -1).cpu(),
+        mask=mask.reshape(b, k, -1).cpu(),
     )
 
 

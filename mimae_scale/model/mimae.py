@@ -198,12 +198,7 @@ class MIMAE(nn.Module):
         if valid is None:
             valid = torch.ones(imgs.shape[0], dtype=torch.bool, device=imgs.device)
         rows_valid = valid.repeat_interleave(k)
-        ids_keep, ids_restore, mask = masking.make_masks(
-            imgs.shape[0], self.num_patches, k, self.mask_ratio, self.mask_strategy,
-            generator=generator, device=imgs.device,
-        )
-        latent = self.encode(imgs, ids_keep)
-        pred = self.decode(latent, ids_restore)
+        ids_keep, mask, latent, pred = self._masked_prediction(imgs, generator)
         target = self.patchify(imgs)
         rows_target = target.repeat_interleave(k, dim=0)
         terms = {"rec": over_valid_rows(impl.norm_pix_mse, rows_valid, pred, rows_target, mask=mask)}
@@ -225,6 +220,23 @@ class MIMAE(nn.Module):
             loss = loss + (self.weights.w_min if w_min is None else w_min) * terms["min"]
 
         return MIMAEOutput(loss=loss, terms=terms, pred=pred, mask=mask)
+
+    def reconstruct(self, imgs: torch.Tensor, generator: torch.Generator | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's prediction (B*K, N, P) and the masks (B*K, N) that :meth:`forward` draws
+        from ``generator``, without the loss terms: what a picture needs, on this rank alone (the
+        forward's InfoNCE gathers rows from every rank, so one rank must not run it by itself)."""
+        _, mask, _, pred = self._masked_prediction(imgs, generator)
+        return pred, mask
+
+    def _masked_prediction(self, imgs: torch.Tensor, generator: torch.Generator | None):
+        """(ids_keep, mask, encoder latent, decoder prediction) of the K masks drawn from ``generator``."""
+        ids_keep, ids_restore, mask = masking.make_masks(
+            imgs.shape[0], self.num_patches, self.num_masks, self.mask_ratio, self.mask_strategy,
+            generator=generator, device=imgs.device,
+        )
+        latent = self.encode(imgs, ids_keep)
+        return ids_keep, mask, latent, self.decode(latent, ids_restore)
 
     def _club_pairs(
         self, imgs: torch.Tensor, latent: torch.Tensor, target: torch.Tensor, ids_keep: torch.Tensor,

@@ -3,6 +3,7 @@ schedule, checkpoint bookkeeping. Multi-process training is in test_engine_multi
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mimae_scale.config import grad_accumulation, load_config
+from mimae_scale.diskfull import DiskFull, disk_full_errno
 from mimae_scale.engine import checkpoint as ckpt
 from mimae_scale.engine.distributed import DistEnv, detect_env, export_rendezvous
 from mimae_scale.engine.ds_config import build_ds_config
@@ -290,6 +292,60 @@ def test_a_component_refusing_its_state_stops_the_run_and_keeps_the_checkpoint(t
     with pytest.raises(ckpt.CheckpointMismatch, match=r"step_000000004: counter: .*num_samples=240"):
         manager.resume(_loader_into(refusing, root))
     assert set_aside == [] and (root / "step_000000004" / ckpt.MARKER).is_file()  # sound: not set aside
+
+
+def test_edquot_in_save_is_one_line_keeps_the_previous_checkpoint_and_removes_the_partial_one(
+        tmp_path, world_of_one, monkeypatch):
+    """A quota (EDQUOT, injected: no real filesystem here has quotas) fills while the checkpoint of
+    step 10 is written; ENOSPC on a real tmpfs is tests/integration/test_disk_full.py."""
+    root = tmp_path / "checkpoints"
+    manager = ckpt.CheckpointManager(root, rank=0, keep_last=2)
+    manager.save(_FakeEngine(), 5, _state(5), _marker(5))
+    size = sum(p.stat().st_size for p in (root / "step_000000005").iterdir() if p.name != ckpt.MARKER)
+    monkeypatch.setenv("MIMAE_FAULT_EDQUOT_IN_SAVE", "0:10")
+    with pytest.raises(DiskFull) as info:
+        manager.save(_FakeEngine(), 10, _state(10), _marker(10))
+    message = str(info.value)
+    assert "\n" not in message and info.value.code == errno.EDQUOT
+    assert message.startswith(f"disk full (EDQUOT: Disk quota exceeded) writing checkpoint {root / 'step_000000010'}: ")
+    assert f"({size} bytes) as step_000000005 did" in message
+    assert "partial checkpoint removed, step_000000005 kept as the latest" in message
+    assert not (root / "step_000000010").exists()
+    assert (root / "latest").read_text().strip() == "step_000000005"
+    state = _state(0)
+    assert manager.resume(_loader_into(state, root)).step == 5 and state.replicated["counter"].value == 5
+    monkeypatch.delenv("MIMAE_FAULT_EDQUOT_IN_SAVE")
+    manager.save(_FakeEngine(), 10, _state(10), _marker(10))  # room again: the same step saves
+    assert [c.step for c in manager.complete()] == [5, 10]
+
+
+def test_space_is_checked_one_save_ahead(tmp_path, world_of_one, monkeypatch, caplog):
+    root = tmp_path / "checkpoints"
+    manager = ckpt.CheckpointManager(root, rank=0, keep_last=2)
+    manager.save(_FakeEngine(), 5, _state(5), _marker(5))
+    size = ckpt.checkpoint_bytes(manager.newest())
+    warnings = []
+    # keep_last 2 with one checkpoint: the next save prunes nothing, so it needs room for two more
+    for free in (10 * size, 2 * size - 1, size - 1):
+        monkeypatch.setattr(ckpt, "free_bytes", lambda path, free=free: free)
+        caplog.clear()
+        manager._check_space()
+        warnings.append(" ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING"))
+    assert warnings[0] == ""
+    assert "room for this checkpoint" in warnings[1] and "not for the next one" in warnings[1]
+    assert "this save will probably fail" in warnings[2] and "step_000000005" in warnings[2]
+    manager.save(_FakeEngine(), 10, _state(10), _marker(10))  # now each save prunes the oldest: room for one is enough
+    monkeypatch.setattr(ckpt, "free_bytes", lambda path: size + 1)
+    caplog.clear()
+    manager._check_space()
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_write_error_on_a_disk_with_room_is_not_a_full_disk(tmp_path):
+    assert disk_full_errno(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos"), tmp_path) is None
+    assert disk_full_errno(OSError(errno.EIO, "I/O error"), tmp_path) is None
+    assert disk_full_errno(OSError(errno.ENOSPC, "No space left on device"), tmp_path) == errno.ENOSPC
+    assert not list(tmp_path.iterdir())  # the probe cleaned up
 
 
 def test_rng_state_round_trip():
