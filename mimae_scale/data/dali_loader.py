@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import re
 import tempfile
-import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -133,11 +132,9 @@ def _build_pipeline(
             )
             images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC)
             if rand_augment is not None:  # fine-tuning: on the uint8 crop, before normalisation (as timm)
-                with warnings.catch_warnings():  # DALI's own RandAugment calls its deprecated aliases
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
+                from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
 
-                    images = dali_rand_augment.rand_augment(images, **rand_augment)
+                images = dali_rand_augment.rand_augment(images, **rand_augment)
             mirror = fn.random.coin_flip(probability=0.5) if d.hflip else 0
             images = fn.crop_mirror_normalize(
                 images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std, mirror=mirror
@@ -152,6 +149,8 @@ def _build_pipeline(
         source = fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)  # "tar:offset:name", 0-padded
         return images, labels, source
 
+    # (DALI 2.4's own RandAugment calls two of its deprecated aliases: it prints that once per process, under a
+    # warnings filter of its own that no caller's filter overrides)
     p = pipe(checkpoint=checkpoint)
     p.build()
     return p
