@@ -318,8 +318,9 @@ def cmd_relayout(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    """A fine-tuning step through the engine (``Trainer.train_step``: DeepSpeed ZeRO 1, one rank) against a
-    plain PyTorch step of the same timm classifier, augmentations, loss and optimiser groups, interleaved."""
+    """A fine-tuning step through the engine (``Trainer.train_step``: DeepSpeed, ZeRO 1 unless overridden, one
+    rank) against a plain PyTorch step of the same timm classifier, augmentations, loss and optimiser groups,
+    interleaved."""
     import torch.distributed as dist
 
     from mimae_scale.engine.distributed import destroy_process_group
@@ -348,7 +349,8 @@ def cmd_finetune(args) -> int:
     print(f"{args.config}: ViT {m.embed_dim}x{m.depth} patch {m.patch_size} at {m.img_size} px, micro-batch "
           f"{args.batch}, {device}, best of {args.rounds} rounds of {args.steps} steps")
     print(f"{'step':<34} {'s/step':>8} {'images/s':>9} {'fwd ms':>8} {'bwd ms':>8} {'opt ms':>8}")
-    for name, label in (("plain", "plain PyTorch (same model, AdamW)"), ("engine", "engine (DeepSpeed ZeRO 1)")):
+    engine_label = f"engine (DeepSpeed ZeRO {cfg.engine.zero_stage})"
+    for name, label in (("plain", "plain PyTorch (same model, AdamW)"), ("engine", engine_label)):
         r = best[name]
         print(f"{label:<34} {r['step_s']:>8.3f} {args.batch / r['step_s']:>9.1f} {r['forward_ms']:>8.0f} "
               f"{r['backward_ms']:>8.0f} {r['optimizer_ms']:>8.0f}")
