@@ -19,6 +19,8 @@ from mimae_scale.model import build_model
 def single_process_group():
     """A world of one (gloo), unless the test process already has a group."""
     created = not dist.is_initialized()
+    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    saved = {name: os.environ.get(name) for name in names}
     if created:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
@@ -28,6 +30,12 @@ def single_process_group():
     finally:
         if created:
             destroy_process_group()
+            # the variables go too: a later test's subprocess would otherwise take this stale port as its own
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def train_and_save(run_dir: Path, config: str, stage: int, seed: int, overrides: tuple[str, ...] = ()) -> dict:

@@ -44,7 +44,8 @@ def main() -> None:
     precision = sys.argv[1]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.manual_seed(0)  # identical initial weights on every rank
-    cfg = load_config("tiny", ["kernels.enabled=on"])
+    # sampled negatives: the closed form (the default) is plain PyTorch, and every kernel must run here
+    cfg = load_config("tiny", ["kernels.enabled=on", "mi.club.negatives=sampled"])
     model, critic = build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled), ClubCritic(cfg)
     calls: Counter = Counter()
     count_calls(calls)

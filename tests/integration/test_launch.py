@@ -27,6 +27,7 @@ from mimae_scale.engine.distributed import free_port
 from mimae_scale.engine.ds_config import build_ds_config
 from mimae_scale.exit_codes import EXIT_CONFIG
 from tests.helpers import REPO
+from tests.helpers.jobs import clean_environ
 from tests.helpers.slurm_cluster import SlurmCluster, SlurmError
 
 LAUNCH = REPO / "launch"
@@ -261,7 +262,7 @@ def tiny_classifier_env(tmp_path: Path) -> dict[str, str]:
     cmd = [sys.executable, "mimae_scale/train.py", "--config", "tiny", "data.backend=synthetic",
            f"run_dir={pretrained}", "train.max_steps=1", "engine.zero_stage=0", "metrics.enabled=false"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**clean_environ(), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return {"MIMAE_CONFIG": "finetune_tiny", "MIMAE_INIT": str(pretrained), "MIMAE_VAL_DATA": str(shards / "val")}
 
