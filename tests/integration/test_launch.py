@@ -282,8 +282,9 @@ def test_preempted_job_checkpoints_requeues_resumes_and_finishes(slurm, tmp_path
     env = {**tiny_job_env(tmp_path), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     if script.startswith("finetune"):
         env.update(tiny_classifier_env(tmp_path))
-    job, out = submit_tiny(slurm, tmp_path, f"train.max_steps={max_steps}", f"train.log_every={log_every}", env=env,
-                           script=script)
+    # keep_last: the signal's checkpoint must survive the longer classifier run's later saves
+    job, out = submit_tiny(slurm, tmp_path, f"train.max_steps={max_steps}", f"train.log_every={log_every}",
+                           "checkpoint.keep_last=20", env=env, script=script)
     run_dir = tmp_path / "run"
     metrics = run_dir / "metrics.jsonl"
 
