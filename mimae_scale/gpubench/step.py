@@ -169,6 +169,22 @@ def engine_step(cfg, device: torch.device, warmup: int, steps: int) -> dict[str,
     return out
 
 
+def _plain_rate(forward, opt: torch.optim.Optimizer, device: torch.device, warmup: int, steps: int
+                ) -> dict[str, Any]:
+    """Seconds per plain step (``forward``, its backward, ``opt``'s step), its split and peak memory."""
+
+    def optimizer_step():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def step():
+        forward().backward()
+        optimizer_step()
+
+    seconds = _rate(step, device, warmup, steps)
+    return {"step_s": seconds, **_split(forward, torch.Tensor.backward, optimizer_step, device), **_memory(device)}
+
+
 def plain_classifier_step(cfg, device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
     """A fine-tuning step without DeepSpeed: the same timm classifier, layer-decay groups, erasing and
     Mixup/CutMix and soft-target cross-entropy; fp32 weights (bf16 autocast on a GPU), torch's AdamW."""
@@ -194,16 +210,7 @@ def plain_classifier_step(cfg, device: torch.device, warmup: int, steps: int) ->
             logits = model(mixed)
         return torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
-    def optimizer_step():
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def step():
-        forward().backward()
-        optimizer_step()
-
-    seconds = _rate(step, device, warmup, steps)
-    return {"step_s": seconds, **_split(forward, torch.Tensor.backward, optimizer_step, device), **_memory(device)}
+    return _plain_rate(forward, opt, device, warmup, steps)
 
 
 def plain_step(cfg, device: torch.device, warmup: int, steps: int, compile_blocks: bool) -> dict[str, Any]:
@@ -229,16 +236,7 @@ def plain_step(cfg, device: torch.device, warmup: int, steps: int, compile_block
         with torch.autocast(device.type, dtype=torch.bfloat16):
             return model(images, generator=gen, critic=critic).loss
 
-    def optimizer_step():
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def step():
-        forward().backward()
-        optimizer_step()
-
-    seconds = _rate(step, device, warmup, steps)
-    return {"step_s": seconds, **_split(forward, torch.Tensor.backward, optimizer_step, device), **_memory(device)}
+    return _plain_rate(forward, opt, device, warmup, steps)
 
 
 def _rates(out: dict[str, Any], cfg, ceiling: float, peak: float | None) -> None:
