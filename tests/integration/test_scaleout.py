@@ -264,13 +264,14 @@ def test_job_requeued_onto_one_node_continues(cluster, run):
     assert re.search(rf"resumed from \S+/step_0*{stop1}: step {stop1}, epoch {epoch}, "
                      rf"{stop1 * GLOBAL_BATCH} images seen", train_log), train_log
 
-    # One curve across the layouts; the loss goes on from where two ranks left it instead of
-    # starting over; the one rank's data position is its step's.
+    # One curve across the layouts; the reconstruction loss goes on from where two ranks left it
+    # instead of starting over (the total is no gauge: its CLUB term climbs while q learns, measured
+    # 1.8 -> 3.3 over this run); the one rank's data position is its step's.
     records = log_records(run_dir)
     check_one_curve(records)
     one_node = records[len(before):]
     assert one_node[0]["step"] == before[-1]["step"] + LOG_EVERY, (before[-1], one_node[0])
-    first, last_two_node, resumed = records[0]["loss"], before[-1]["loss"], one_node[0]["loss"]
+    first, last_two_node, resumed = records[0]["loss_rec"], before[-1]["loss_rec"], one_node[0]["loss_rec"]
     assert abs(resumed - last_two_node) < abs(resumed - first), (first, last_two_node, resumed)
     ckpt = run_dir / "checkpoints"
     final = ckpt / (ckpt / "latest").read_text().strip()
