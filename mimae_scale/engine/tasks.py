@@ -117,6 +117,11 @@ class BatchAugment:
         return images, soft.scatter_(1, labels[:, None], 1.0 - self.smoothing + off)
 
 
+def soft_target_loss(logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy against soft targets (timm's SoftTargetCrossEntropy before its mean), in fp32."""
+    return torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1)
+
+
 class ClassifyTask:
     """Fine-tuning or linear probing of timm's ViT classifier, MAE's recipe."""
 
@@ -154,7 +159,7 @@ class ClassifyTask:
                             f"finetune.num_classes: a training label lies outside [0, {classes})")
         images, soft = self.augment(images, labels)
         logits = engine(images)
-        per_row = torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1)  # timm's SoftTargetCrossEntropy
+        per_row = soft_target_loss(logits, soft)
         valid = batch.get("valid")
         if valid is None:
             return StepLoss(per_row.mean(), {})

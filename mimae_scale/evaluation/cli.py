@@ -3,14 +3,18 @@
     mimae-eval knn     --checkpoint CKPT --train DIR --val DIR [--k 20 --temperature 0.07]
     mimae-eval linear  --checkpoint CKPT --train DIR --val DIR [--epochs 100 --lr 0.1]
     mimae-eval compare --model mimae=CKPT --model mae=CKPT --random-init --train DIR --val DIR \
-                       --reference raw_pixels --reference hog
+                       --reference raw_pixels --reference hog [--label-fraction 0.1 --finetune]
 
 ``--random-init`` (with ``--config``, or the first ``--model``'s config under ``compare``) evaluates
-a freshly initialised encoder of the same shape: the floor any pretraining must beat. ``--reference``
-adds an encoder with nothing learnt (raw pixels, HOG; mimae_scale/evaluation/reference.py), scored
-by the same loader and probes. Results are
-printed and written as JSON (``--out``). Features come from ``build_eval_loader`` (resize and
-centre crop, every sample once); on a CPU-only machine the ``webdataset`` decoder is used.
+a freshly initialised encoder of the same shape (``random``): the floor any pretraining must beat.
+``--reference`` adds an encoder with nothing learnt (raw pixels, HOG; mimae_scale/evaluation/reference.py),
+scored by the same loader and probes. ``--label-fraction F`` lets the probes (and fine-tuning) learn from
+a stratified, seeded share F of the training labels: the few-label regime where pretraining shows.
+``--finetune`` (compare) also fine-tunes each ViT end to end on those labels (fewlabel.py; a reference
+has nothing to fine-tune). Results are printed and written as JSON (``--out``): ``encoders`` holds each
+one's top-1 in percent (``finetune_top1``, ``linear_top1``, ``knn_top1``), ``models`` the details.
+Features come from ``build_eval_loader`` (resize and centre crop, every sample once); on a CPU-only
+machine the ``webdataset`` decoder is used.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch import nn
 from mimae_scale.config import Config, load_config
 from mimae_scale.evaluation.checkpoint import CheckpointError, load_model
 from mimae_scale.evaluation.features import extract_features
+from mimae_scale.evaluation.fewlabel import finetune, label_subset
 from mimae_scale.evaluation.knn import knn_evaluate
 from mimae_scale.evaluation.linear_probe import train_linear_probe
 from mimae_scale.evaluation.reference import REFERENCES, describe, reference_encoder
@@ -56,27 +61,43 @@ def random_init_model(cfg: Config, seed: int) -> MIMAE:
     return build_model(cfg.model, cfg.mask, cfg.mi, cfg.loss, kernels=cfg.kernels.enabled).eval()
 
 
-def _features(model: nn.Module, cfg: Config, args: argparse.Namespace, device: torch.device, name: str) -> dict:
-    model.to(device)
-    out = {}
-    for split in ("train", "val"):
-        batches = eval_loader(cfg, getattr(args, split), device, args.batch_size)
-        out[split] = extract_features(model, batches, args.pool, progress=f"{name} {split}")
+def _labelled(batches, pool: str, model: nn.Module, name: str, split: str, keep_images: bool) -> dict[str, Any]:
+    """One split's pooled features and labels, and (``keep_images``) its images, in the same order."""
+    batches = list(batches) if keep_images else batches
+    feats, labels = extract_features(model, batches, pool, progress=f"{name} {split}")
+    out: dict[str, Any] = {"features": feats, "labels": labels}
+    if keep_images:  # the same rows extract_features kept (a rank's padding dropped)
+        rows = [(b["images"][b["valid"].bool()] if "valid" in b else b["images"]).float().cpu() for b in batches]
+        out["images"] = torch.cat(rows)
     return out
 
 
 def evaluate_model(model: nn.Module, cfg: Config, args: argparse.Namespace, device: torch.device, name: str,
-                   probes: tuple[str, ...]) -> dict[str, Any]:
+                   probes: tuple[str, ...], pretrained: bool = True) -> dict[str, Any]:
+    """The probes of one encoder; ``pretrained`` False: fine-tuning starts from timm's own initialisation."""
     start = time.perf_counter()
-    feats = _features(model, cfg, args, device, name)
-    (xtr, ytr), (xva, yva) = feats["train"], feats["val"]
-    result: dict[str, Any] = {"pool": args.pool, "feature_dim": int(xtr.shape[1])}
+    tune = "finetune" in probes and isinstance(model, MIMAE)
+    model.to(device)
+    data = {split: _labelled(eval_loader(cfg, getattr(args, split), device, args.batch_size), args.pool, model,
+                             name, split, tune) for split in ("train", "val")}
+    train, val = data["train"], data["val"]
+    if args.label_fraction < 1:
+        rows = label_subset(train["labels"], args.label_fraction, args.seed)
+        train = {k: v[rows] for k, v in train.items()}
+    xtr, ytr, xva, yva = train["features"], train["labels"], val["features"], val["labels"]
+    result: dict[str, Any] = {"pool": args.pool, "feature_dim": int(xtr.shape[1]), "train_labels": len(ytr)}
     if "knn" in probes:
         result["knn"] = knn_evaluate(xtr.to(device), ytr.to(device), xva.to(device), yva.to(device),
                                      args.k, args.temperature)
     if "linear" in probes:
         result["linear"] = train_linear_probe(xtr, ytr, xva, yva, epochs=args.epochs, batch_size=args.probe_batch,
                                               lr=args.lr, seed=args.seed, device=device)
+    if tune:
+        encoder = {k: v.cpu() for k, v in model.state_dict().items()} if pretrained else None
+        scores = finetune(encoder, cfg, train["images"], ytr, {"val": (val["images"], yva)},
+                          base_lr=args.ft_lr, steps=args.ft_steps, seed=args.seed)
+        result["finetune"] = {"top1": scores["val"], "steps": args.ft_steps, "base_lr": args.ft_lr,
+                              "init": "pretrained" if pretrained else "timm's random initialisation"}
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
 
@@ -100,7 +121,7 @@ def _models(args: argparse.Namespace) -> list[tuple[str, nn.Module, Config, str]
             cfg = load_config(args.config)
         else:
             raise CheckpointError("--random-init needs --config (or a checkpoint to copy the shape from)")
-        models.append(("random_init", random_init_model(cfg, args.seed), cfg, f"random init, seed {args.seed}"))
+        models.append(("random", random_init_model(cfg, args.seed), cfg, f"random init, seed {args.seed}"))
     for name in args.reference or []:
         if models:
             cfg = models[0][2]  # the same loader (image size, normalisation) as the encoders
@@ -115,26 +136,37 @@ def _models(args: argparse.Namespace) -> list[tuple[str, nn.Module, Config, str]
 
 
 def _fmt(result: dict[str, Any]) -> str:
-    parts = []
-    if "knn" in result:
-        parts.append(f"kNN top-1 {100 * result['knn']['top1']:6.2f}%")
-    if "linear" in result:
-        parts.append(f"linear top-1 {100 * result['linear']['top1']:6.2f}%")
-    return "  ".join(parts)
+    return "  ".join(f"{label} top-1 {100 * result[key]['top1']:6.2f}%" for key, label in
+                     (("finetune", "fine-tune"), ("linear", "linear"), ("knn", "kNN")) if key in result)
+
+
+def _data_name(shards: str | Path) -> str:
+    """The benchmark's name: the source ``mimae-shards real`` recorded, else the folder's name."""
+    manifest = Path(shards) / "manifest.json"
+    settings = json.loads(manifest.read_text()).get("settings", {}) if manifest.is_file() else {}
+    return settings.get("source") or Path(shards).resolve().parent.name
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = _device(args.device)
     probes = ("knn", "linear") if args.command == "compare" else (args.command,)
-    report: dict[str, Any] = {"command": args.command, "train": str(args.train), "val": str(args.val),
-                              "device": str(device), "models": {}}
+    if args.command == "compare" and args.finetune:
+        probes += ("finetune",)
+    report: dict[str, Any] = {"command": args.command, "data": _data_name(args.train), "train": str(args.train),
+                              "val": str(args.val), "label_fraction": args.label_fraction, "device": str(device),
+                              "encoders": {}, "models": {}}
     models = _models(args)
-    print(f"frozen {args.pool}-pooled features, scored on {args.val} (learnt from {args.train}): kNN k={args.k} "
-          f"T={args.temperature}; linear probe {args.epochs} epochs", flush=True)
+    labels = "all training labels" if args.label_fraction == 1 else f"{args.label_fraction:.0%} of the training labels"
+    print(f"frozen {args.pool}-pooled features, scored on {args.val} (learnt from {labels} of {args.train}): "
+          f"kNN k={args.k} T={args.temperature}; linear probe {args.epochs} epochs"
+          + (f"; fine-tuning {args.ft_steps} steps at base lr {args.ft_lr:g}" if "finetune" in probes else ""),
+          flush=True)
     for name, model, cfg, source in models:
-        result = evaluate_model(model, cfg, args, device, name, probes)
+        result = evaluate_model(model, cfg, args, device, name, probes, pretrained=name != "random")
         result["source"] = source
         report["models"][name] = result
+        report["encoders"][name] = {f"{key}_top1": round(100 * result[key]["top1"], 2) if key in result else None
+                                    for key in ("finetune", "linear", "knn") if key in probes}
         print(f"{name:>14}: {_fmt(result)}  ({source})", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
         p.add_argument("--lr", type=float, default=0.1, help="linear probe learning rate (SGD, cosine)")
         p.add_argument("--probe-batch", type=int, default=256, help="linear probe batch size")
+        p.add_argument("--label-fraction", type=float, default=1.0,
+                       help="learn from this stratified share of the training labels (seeded by --seed)")
+        if command == "compare":
+            p.add_argument("--finetune", action="store_true", help="also fine-tune each ViT end to end (fewlabel.py)")
+            p.add_argument("--ft-steps", type=int, default=300, help="fine-tuning steps of 64 images")
+            p.add_argument("--ft-lr", type=float, default=3e-3, help="fine-tuning base lr (x 64 / 256)")
     return parser
 
 

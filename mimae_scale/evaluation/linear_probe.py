@@ -31,6 +31,40 @@ def _accuracy(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, bat
     return correct / features.shape[0]
 
 
+def fit_linear_probe(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float = 0.1,
+    seed: int = 0,
+) -> nn.Sequential:
+    """The probe head trained on (features, labels), in eval mode, on the features' device."""
+    x, y = features.float(), labels.long().to(features.device)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the head's initialisation
+    head = linear_probe_head(x.shape[1], num_classes).to(x.device)
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    total = epochs * math.ceil(x.shape[0] / batch_size)
+    step = 0
+    for _ in range(epochs):
+        head.train()
+        order = torch.randperm(x.shape[0], generator=gen).to(x.device)
+        for i in range(0, x.shape[0], batch_size):
+            idx = order[i:i + batch_size]
+            if idx.numel() < 2:  # BatchNorm cannot normalise a batch of one
+                continue
+            for group in optimizer.param_groups:
+                group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / total))
+            loss = F.cross_entropy(head(x[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    return head.eval()
+
+
 def train_linear_probe(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -47,27 +81,7 @@ def train_linear_probe(
     x, y = train_features.float().to(device), train_labels.long().to(device)
     xt, yt = test_features.float().to(device), test_labels.long().to(device)
     num_classes = int(max(y.max(), yt.max())) + 1
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # the head's initialisation
-    head = linear_probe_head(x.shape[1], num_classes).to(device)
-    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-    steps_per_epoch = math.ceil(x.shape[0] / batch_size)
-    total = epochs * steps_per_epoch
-    step = 0
-    for _ in range(epochs):
-        head.train()
-        order = torch.randperm(x.shape[0], generator=gen).to(device)
-        for i in range(0, x.shape[0], batch_size):
-            idx = order[i:i + batch_size]
-            if idx.numel() < 2:  # BatchNorm cannot normalise a batch of one
-                continue
-            for group in optimizer.param_groups:
-                group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / total))
-            loss = F.cross_entropy(head(x[idx]), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
+    head = fit_linear_probe(x, y, num_classes, epochs, batch_size, lr, seed)
     return {
         "top1": _accuracy(head, xt, yt), "train_top1": _accuracy(head, x, y),
         "epochs": epochs, "batch_size": batch_size, "lr": lr,

@@ -116,10 +116,17 @@ def load_pretrained(model: nn.Module, cfg: Config) -> dict[str, list[str]]:
     """Fill ``model``'s encoder from ``cfg.finetune.init``; returns the keys left to their initialisation
     (``missing``: the head, fc_norm) and the file's keys not used (``unused``: the final norm under
     average pooling), which the trainer logs."""
+    path = Path(cfg.finetune.init)
+    return load_encoder(model, _encoder_from(path), cfg, path)
+
+
+def load_encoder(model: nn.Module, encoder: dict[str, torch.Tensor], cfg: Config,
+                 path: Path | str) -> dict[str, list[str]]:
+    """``load_pretrained``'s check and load of encoder tensors (timm names) that came from ``path``
+    (a file, or words saying where they came from)."""
     from timm.layers import resample_abs_pos_embed
 
-    path = Path(cfg.finetune.init)
-    encoder = _encoder_from(path)
+    encoder = {k: v for k, v in encoder.items() if k.startswith(ENCODER_PREFIXES)}
     _check_shape(path, encoder, cfg)
     own = model.state_dict()
     pos = encoder["pos_embed"]

@@ -14,7 +14,7 @@ import torch
 from mimae_scale.data_tools.cli import main as shards_main
 from PIL import Image
 
-from mimae_scale.evaluation import cli
+from mimae_scale.evaluation import cli, fewlabel
 from mimae_scale.evaluation.checkpoint import load_model
 from mimae_scale.evaluation.features import extract_features
 from mimae_scale.evaluation.knn import knn_evaluate
@@ -55,19 +55,49 @@ def test_compare_runs_and_writes_json(demo, checkpoint, tmp_path):
     out = tmp_path / "compare.json"
     proc = subprocess.run(
         [*_script("mimae-eval"), "compare", "--model", f"tiny={checkpoint}", "--random-init",
-         "--train", str(demo / "train"), "--val", str(demo / "val"), "--epochs", "5", "--device", "cpu",
-         "--out", str(out)],
+         "--reference", "raw_pixels", "--train", str(demo / "train"), "--val", str(demo / "val"), "--epochs", "5",
+         "--device", "cpu", "--out", str(out)],
         capture_output=True, text=True, env=_env(), timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "tiny:" in proc.stdout and "random_init:" in proc.stdout and "kNN top-1" in proc.stdout
+    assert "tiny:" in proc.stdout and "random:" in proc.stdout and "kNN top-1" in proc.stdout
     report = json.loads(out.read_text())
-    for name in ("tiny", "random_init"):
+    assert report["data"] == demo.name  # generated shards record no real source: the set's folder names it
+    for name in ("tiny", "random"):
         r = report["models"][name]
         assert r["knn"]["n_train"] == 120 and r["knn"]["n_test"] == 60  # every sample once
         assert r["linear"]["n_train"] == 120 and r["linear"]["n_test"] == 60
         assert 0.0 <= r["knn"]["top1"] <= 1.0 and 0.0 <= r["linear"]["top1"] <= 1.0
         assert r["feature_dim"] == 64 and r["pool"] == "mean"
+        assert report["encoders"][name] == {"linear_top1": round(100 * r["linear"]["top1"], 2),
+                                            "knn_top1": round(100 * r["knn"]["top1"], 2)}
+
+
+def test_compare_few_labels_fine_tunes_each_vit(demo, checkpoint, tmp_path):
+    """A quarter of the labels (3 of each class's 12), and fine-tuning: the ViTs get a fine-tune score,
+    the raw-pixel reference none (nothing to tune); the scores are those of fewlabel.finetune itself."""
+    out = tmp_path / "few.json"
+    assert cli.main(["compare", "--model", f"tiny={checkpoint}", "--random-init", "--reference", "raw_pixels",
+                     "--train", str(demo / "train"), "--val", str(demo / "val"), "--epochs", "5", "--device", "cpu",
+                     "--label-fraction", "0.25", "--finetune", "--ft-steps", "4", "--seed", "3",
+                     "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["label_fraction"] == 0.25
+    for name in ("tiny", "random", "raw_pixels"):
+        r = report["models"][name]
+        assert r["train_labels"] == 30 and r["knn"]["n_train"] == 30 and r["linear"]["n_test"] == 60
+    assert report["encoders"]["raw_pixels"]["finetune_top1"] is None
+    assert report["models"]["random"]["finetune"]["init"] == "timm's random initialisation"
+    # the checkpoint's number, recomputed: the same 30 images and labels, the same seed
+    model, ckpt = load_model(checkpoint)
+    batches = {s: list(cli.eval_loader(ckpt.cfg, demo / s, torch.device("cpu"), 128)) for s in ("train", "val")}
+    data = {s: (torch.cat([b["images"][b["valid"].bool()] if "valid" in b else b["images"] for b in bs]),
+                torch.cat([b["labels"][b["valid"].bool()] if "valid" in b else b["labels"] for b in bs]).long())
+            for s, bs in batches.items()}
+    rows = fewlabel.label_subset(data["train"][1], 0.25, seed=3)
+    want = fewlabel.finetune(model.state_dict(), ckpt.cfg, data["train"][0][rows], data["train"][1][rows],
+                             {"val": data["val"]}, base_lr=3e-3, steps=4, seed=3)["val"]
+    assert report["models"]["tiny"]["finetune"]["top1"] == pytest.approx(want)
 
 
 def test_knn_and_linear_commands(demo, checkpoint, tmp_path):
