@@ -293,6 +293,8 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
     ftr, fte = features(model, data["train_eval"]), features(model, xte)
     scores = []
     pretrain_seed = unit.get("pretrain", {}).get("seed", 0)
+    encoder = None if unit.get("random") or not unit.get("ft_lrs") else model.state_dict()
+    classes = int(max(data["train_labels"].max(), yte.max())) + 1
     for fraction, label_seed in unit["subsets"]:
         rows = label_subset(data["train_labels"], fraction, label_seed)
         row: dict[str, Any] = {"fraction": fraction, "label_seed": label_seed, "labels": len(rows)}
@@ -301,8 +303,6 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
             row["linear"] = linear_correct(ftr[rows], ytr, fte, yte, seed=label_seed).tolist()
             row["knn"] = knn_correct(ftr[rows], ytr, fte, yte).tolist()
         for lr in unit.get("ft_lrs", []):
-            encoder = None if unit.get("random") else {k: v for k, v in model.state_dict().items()}
-            classes = int(max(data["train_labels"].max(), yte.max())) + 1
             model_ft = train_classifier(encoder, cfg, data["train_eval"][rows], ytr, classes, base_lr=lr,
                                         steps=unit["ft_steps"], seed=1000 * pretrain_seed + label_seed)
             row[f"finetune@{lr:g}"] = (predict(model_ft, xte) == yte).numpy().tolist()

@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
 from mimae_scale.evaluation.ablation import bootstrap_diff
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed: {seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 def test_bootstrap_interval_matches_the_normal_approximation(gen):

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from mimae_scale.config import ConfigError, load_config
 from mimae_scale.evaluation import fewlabel
 from mimae_scale.model import build_model
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed: {seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 def test_label_subset_keeps_the_same_share_of_every_class(gen):
